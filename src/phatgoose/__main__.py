@@ -1,0 +1,5 @@
+import sys
+
+from phatgoose.cli import main
+
+sys.exit(main())

@@ -1,0 +1,324 @@
+"""The ``phatgoose`` command line. Every option can also come from a YAML file (``--config``);
+options given on the command line win. Errors print one line (tracebacks with ``--debug``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from phatgoose.errors import PhatgooseError
+
+EMBEDDED = "embedded:smollm2-135m-instruct"
+
+
+# -- options from dataclasses -------------------------------------------------------------
+def _field_type(tp: Any) -> Any:
+    """The scalar type argparse should parse for a (possibly Optional) field annotation."""
+    if isinstance(tp, str):
+        tp = eval(tp, {"float": float, "int": int, "str": str, "bool": bool, "list": list})
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return _field_type(args[0]) if len(args) == 1 else str
+    return tp
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    group = parser.add_argument_group(title)
+    for f in fields(cls):
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore
+        flag = "--" + f.name.replace("_", "-")
+        kind = _field_type(f.type)
+        if kind is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=default, help=f"(default: {default})")
+        elif f.name == "targets":
+            group.add_argument(flag, dest=f.name, nargs="+", default=default,
+                               help="'all-linear' or module-name suffixes (default: all-linear)")
+        else:
+            group.add_argument(flag, dest=f.name, type=kind, default=default,
+                               help=f"(default: {default})")
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
+    values = {f.name: getattr(args, f.name) for f in fields(cls)}
+    if "targets" in values and values["targets"] in (["all-linear"], ("all-linear",)):
+        values["targets"] = "all-linear"
+    return cls(**values)
+
+
+# -- subcommands ----------------------------------------------------------------------------
+def _load_base(args):
+    from phatgoose.models import load_base_model
+
+    return load_base_model(args.model)
+
+
+def _splits(args, source: str):
+    from phatgoose.pipeline import SplitConfig, open_task
+
+    return dataclass_from_args(SplitConfig, args).apply(open_task(source))
+
+
+def cmd_data_bigbench(args) -> None:
+    from phatgoose.data.bigbench import fetch_bigbench
+
+    paths = fetch_bigbench(args.tasks, Path(args.cache_dir) if args.cache_dir else None)
+    for name, path in paths.items():
+        print(f"{name}\t{path}")
+
+
+def cmd_train_expert(args) -> None:
+    from phatgoose.experts import ExpertConfig, train_expert
+
+    base = _load_base(args)
+    splits = _splits(args, args.task)
+    out = train_expert(base, args.task, splits.train, splits.validation, args.out,
+                       dataclass_from_args(ExpertConfig, args), log_path=args.log)
+    print(f"expert saved to {out}")
+
+
+def cmd_train_gate(args) -> None:
+    from phatgoose.experts import GateConfig, train_gate
+    from phatgoose.library import load_metadata
+
+    base = _load_base(args)
+    task = args.task or load_metadata(Path(args.expert))["task"]
+    splits = _splits(args, task)
+    path = train_gate(base, args.expert, splits.train, splits.validation,
+                      dataclass_from_args(GateConfig, args), log_path=args.log)
+    print(f"gate saved to {path}")
+
+
+def cmd_library(args) -> None:
+    from phatgoose.library import ExpertLibrary
+
+    if args.action == "build":
+        lib = ExpertLibrary.build(args.library, [Path(p) for p in args.experts])
+        print(f"library {lib.root}: {len(lib.names)} experts")
+        return
+    lib = ExpertLibrary(args.library)
+    if args.action == "add":
+        print(f"added {lib.add(args.expert, name=args.name)} to {lib.root}")
+    elif args.action == "list":
+        print(f"base model: {lib.base_model} (fingerprint {lib.base_fingerprint})")
+        print("| expert | task | modules | rank | best val loss |\n|---|---|---:|---:|---:|")
+        for e in lib.manifest["experts"]:
+            loss = e.get("metrics", {}).get("best_val_loss")
+            loss = f"{loss:.4f}" if isinstance(loss, float) else "-"
+            print(f"| {e['name']} | {e['task']} | {e['modules']} | {e['rank']} | {loss} |")
+    elif args.action == "show":
+        print(json.dumps({**lib.entry(args.name), "metadata": lib.metadata(args.name)}, indent=2))
+    elif args.action == "verify":
+        problems = lib.verify()
+        if args.model:
+            from phatgoose.routing import route
+
+            base = _load_base(args)
+            try:
+                route(base.model, lib)
+            except PhatgooseError as err:
+                problems.append(str(err))
+        if problems:
+            raise PhatgooseError(f"{len(problems)} problem(s): " + " | ".join(problems))
+        print(f"library {lib.root} is sound: {len(lib.names)} experts")
+
+
+def cmd_eval(args) -> None:
+    from phatgoose.eval import EvalConfig
+    from phatgoose.library import ExpertLibrary
+    from phatgoose.pipeline import evaluate_methods
+
+    if any(m != "base" for m in args.method) and not args.library:
+        raise PhatgooseError("routing methods need --library DIR (only 'base' runs without)")
+    base = _load_base(args)
+    library = ExpertLibrary(args.library) if args.library else None
+    sets = {}
+    for source in args.task:
+        splits = _splits(args, source)
+        sets[source] = getattr(splits, args.split)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = evaluate_methods(base, library, sets, args.method, args.top_k,
+                            dataclass_from_args(EvalConfig, args),
+                            out if args.predictions else None)
+    from phatgoose.eval import markdown_table
+
+    table = markdown_table(rows)
+    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "results.md").write_text(table + "\n")
+    print(table)
+
+
+def cmd_pipeline(args) -> None:
+    from phatgoose.pipeline import PipelineConfig, run_pipeline
+
+    data = _read_yaml(args.config_file)
+    if args.workdir:
+        data["workdir"] = args.workdir
+    result = run_pipeline(PipelineConfig.from_dict(data))
+    print(result["table"])
+    print("\nstage timings (s): " + ", ".join(f"{k} {v}" for k, v in result["timings_s"].items()))
+
+
+# -- parser ------------------------------------------------------------------------------------
+def _read_yaml(path: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise PhatgooseError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise PhatgooseError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise PhatgooseError(f"config file {path} must hold a mapping of option: value")
+    return data
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from phatgoose.eval import EvalConfig
+    from phatgoose.experts import ExpertConfig, GateConfig
+    from phatgoose.pipeline import SplitConfig
+
+    parser = argparse.ArgumentParser(
+        prog="phatgoose",
+        description="Route every token among LoRA experts by their learned gates (PHATGOOSE).",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--config", help="YAML file of option: value (command line wins)")
+        p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+        p.set_defaults(func=func)
+        return p
+
+    def model_arg(p):
+        p.add_argument("--model", default=EMBEDDED,
+                       help=f"base model: local path, cached hub id, or {EMBEDDED} (default)")
+
+    data = command("data", "fetch data sets into the local cache", None)
+    data_sub = data.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    bb = data_sub.add_parser("bigbench", help="extract BIG-bench tasks from the bigbench sdist",
+                             description="Download the bigbench==1.0.0 sdist once (pip) and "
+                             "extract the named tasks' task.json files into the cache.")
+    bb.add_argument("tasks", nargs="+", help="task names, e.g. color/rgb navigate")
+    bb.add_argument("--cache-dir", help="default: $PHATGOOSE_CACHE or ~/.cache/phatgoose")
+    bb.add_argument("--config", help="YAML file of option: value")
+    bb.add_argument("--debug", action="store_true")
+    bb.set_defaults(func=cmd_data_bigbench)
+
+    p = command("train-expert", "train one LoRA expert on a task (PEFT adapter + expert.json)",
+                cmd_train_expert)
+    model_arg(p)
+    p.add_argument("--task", required=True, help="BIG-bench name, task.json/.jsonl path, or hf:NAME")
+    p.add_argument("--out", required=True, help="expert directory to write")
+    p.add_argument("--log", help="JSONL file for loss and validation metrics")
+    add_dataclass_args(p, SplitConfig, "data splits")
+    add_dataclass_args(p, ExpertConfig, "expert training")
+
+    p = command("train-gate", "train the PHATGOOSE gate of a trained expert (post hoc)",
+                cmd_train_gate)
+    model_arg(p)
+    p.add_argument("expert", help="expert directory (from train-expert)")
+    p.add_argument("--task", help="training task (default: the expert's own task)")
+    p.add_argument("--log", help="JSONL file for loss and validation metrics")
+    add_dataclass_args(p, SplitConfig, "data splits")
+    add_dataclass_args(p, GateConfig, "gate training")
+
+    lib = command("library", "build, extend, list, show and verify expert libraries", None)
+    lib_sub = lib.add_subparsers(dest="action", required=True, metavar="ACTION")
+    specs = {
+        "build": "create a library from trained expert directories",
+        "add": "add one trained expert to a library (no other expert changes)",
+        "list": "list a library's experts",
+        "show": "show one expert's manifest entry and metadata",
+        "verify": "check files, shapes, gates and fingerprints (and fit to --model)",
+    }
+    for action, help in specs.items():
+        p = lib_sub.add_parser(action, help=help, description=help)
+        p.add_argument("library", help="library directory")
+        p.add_argument("--config", help="YAML file of option: value")
+        p.add_argument("--debug", action="store_true")
+        p.set_defaults(func=cmd_library)
+        if action == "build":
+            p.add_argument("experts", nargs="+", help="expert directories")
+        if action == "add":
+            p.add_argument("expert", help="expert directory")
+            p.add_argument("--name", help="name in the library (default: from the task)")
+        if action == "show":
+            p.add_argument("name", help="expert name")
+        if action == "verify":
+            p.add_argument("--model", help="also check that the experts fit this base model")
+
+    p = command("eval", "evaluate methods on tasks: rank classification / exact match", cmd_eval)
+    model_arg(p)
+    p.add_argument("--library", help="expert library directory (for routing methods)")
+    p.add_argument("--task", nargs="+", required=True, help="tasks to evaluate")
+    p.add_argument("--method", nargs="+", default=["base", "phatgoose"],
+                   help="base, phatgoose, uniform, single:<expert> (default: base phatgoose)")
+    p.add_argument("--top-k", type=int, default=2, help="experts per token (default: 2)")
+    p.add_argument("--split", choices=["train", "validation", "test"], default="test")
+    p.add_argument("--out", default="runs/eval", help="folder for results.json / results.md")
+    p.add_argument("--predictions", action="store_true",
+                   help="also write per-example predictions-<method>.jsonl")
+    add_dataclass_args(p, SplitConfig, "data splits")
+    add_dataclass_args(p, EvalConfig, "evaluation")
+
+    p = command("pipeline", "run the whole pipeline from a YAML config (cached, resumable)",
+                cmd_pipeline)
+    p.add_argument("config_file", help="pipeline YAML, e.g. configs/demo.yaml")
+    p.add_argument("--workdir", help="override the config's workdir")
+    return parser
+
+
+def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse twice: once to find --config, then with its values as defaults."""
+    args = parser.parse_args(argv)
+    if not getattr(args, "config", None) or args.command == "pipeline":
+        return args
+    values = {k.replace("-", "_"): v for k, v in _read_yaml(args.config).items()}
+    unknown = [k for k in values if k not in vars(args) or k in ("func", "command", "config")]
+    if unknown:
+        raise PhatgooseError(f"config file {args.config}: unknown options {unknown}")
+    # find the subparser that produced args and give it the config's values as defaults
+    target = parser
+    for name in (args.command, getattr(args, "source", None) or getattr(args, "action", None)):
+        actions = [a for a in target._actions if isinstance(a, argparse._SubParsersAction)]
+        if not actions or name is None or name not in actions[0].choices:
+            break
+        target = actions[0].choices[name]
+    for action in target._actions:
+        if action.dest in values:
+            action.required = False
+    target.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    debug = "--debug" in argv
+    try:
+        args = _apply_config(parser, argv)
+        args.func(args)
+    except PhatgooseError as err:
+        if debug:
+            raise
+        print(f"phatgoose: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("phatgoose: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

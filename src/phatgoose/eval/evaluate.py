@@ -1,0 +1,151 @@
+"""Evaluation: rank classification (multiple choice) and greedy generation (exact match).
+
+Rank classification scores each choice by its mean per-token NLL given the prompt
+(length-normalised) and predicts the lowest; a hit is any of the correct choices. Generation
+decodes greedily and compares the first generated line, whitespace-normalised, to the targets."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from phatgoose.data.encode import collate, encode, token_nll
+from phatgoose.data.tasks import Example
+from phatgoose.experts.loop import autocast
+from phatgoose.models import BaseModel
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 16  # sequences (choices) per forward pass
+    max_input_tokens: int = 512
+    max_target_tokens: int = 512
+    max_new_tokens: int = 32  # generation tasks
+    bf16: bool = False
+
+
+@dataclass
+class TaskResult:
+    task: str
+    kind: str  # "multiple_choice" or "generation"
+    accuracy: float
+    predictions: list[dict] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.predictions)
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+@torch.no_grad()
+def choice_nll(base: BaseModel, examples: list[Example], config: EvalConfig) -> list[list[float]]:
+    """Mean per-token NLL of every choice of every example, one full forward per choice."""
+    pairs = [
+        encode(base.tokenizer, e.prompt, " " + c, base.is_seq2seq, config.max_input_tokens,
+               config.max_target_tokens, add_eos=False)
+        for e in examples for c in e.choices
+    ]
+    device = next(base.model.parameters()).device
+    pad = base.tokenizer.pad_token_id
+    flat: list[float] = []
+    for i in tqdm(range(0, len(pairs), config.batch_size), desc="scoring", unit="batch",
+                  leave=False, dynamic_ncols=True):
+        batch = {k: v.to(device) for k, v in collate(pairs[i : i + config.batch_size], pad,
+                                                      base.is_seq2seq).items()}
+        with autocast(config.bf16, device):
+            nll, mask = token_nll(base.model, batch, base.is_seq2seq)
+        flat += (nll.sum(-1) / mask.sum(-1).clamp(min=1)).tolist()
+    scores, start = [], 0
+    for e in examples:
+        scores.append(flat[start : start + len(e.choices)])
+        start += len(e.choices)
+    return scores
+
+
+@torch.no_grad()
+def generate(base: BaseModel, examples: list[Example], config: EvalConfig) -> list[str]:
+    """Greedy answers (first generated line) with the KV cache."""
+    tokenizer, model = base.tokenizer, base.model
+    device = next(model.parameters()).device
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    answers: list[str] = []
+    try:
+        for i in tqdm(range(0, len(examples), config.batch_size), desc="generating",
+                      unit="batch", leave=False, dynamic_ncols=True):
+            prompts = [e.prompt for e in examples[i : i + config.batch_size]]
+            inputs = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
+                               max_length=config.max_input_tokens).to(device)
+            with autocast(config.bf16, device):
+                out = model.generate(**inputs, max_new_tokens=config.max_new_tokens,
+                                     do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            if not base.is_seq2seq:
+                out = out[:, inputs["input_ids"].shape[1] :]
+            for text in tokenizer.batch_decode(out, skip_special_tokens=True):
+                answers.append(text.strip().split("\n")[0].strip())
+    finally:
+        tokenizer.padding_side = side
+    return answers
+
+
+def evaluate_task(
+    base: BaseModel, task: str, examples: list[Example], config: EvalConfig | None = None
+) -> TaskResult:
+    config = config or EvalConfig()
+    choice = [e for e in examples if e.choices]
+    free = [e for e in examples if not e.choices]
+    predictions: list[dict] = []
+    for e, nll in zip(choice, choice_nll(base, choice, config) if choice else []):
+        best = min(range(len(nll)), key=nll.__getitem__)
+        predictions.append({"input": e.input, "prediction": e.choices[best],
+                            "targets": list(e.targets), "correct": e.choices[best] in e.targets,
+                            "nll": [round(x, 5) for x in nll]})
+    for e, answer in zip(free, generate(base, free, config) if free else []):
+        hit = _normalise(answer) in {_normalise(t) for t in e.targets}
+        predictions.append({"input": e.input, "prediction": answer,
+                            "targets": list(e.targets), "correct": hit})
+    kind = "multiple_choice" if not free else "generation" if not choice else "mixed"
+    accuracy = sum(p["correct"] for p in predictions) / max(len(predictions), 1)
+    return TaskResult(task, kind, accuracy, predictions)
+
+
+def evaluate(
+    base: BaseModel, tasks: dict[str, list[Example]], config: EvalConfig | None = None,
+    desc: str = "eval",
+) -> dict[str, TaskResult]:
+    """Evaluate every task; returns {task: TaskResult}."""
+    results = {}
+    for name in tqdm(tasks, desc=desc, unit="task", dynamic_ncols=True):
+        results[name] = evaluate_task(base, name, tasks[name], config)
+    return results
+
+
+def summary(results: dict[str, TaskResult]) -> dict:
+    """JSON-ready per-task and average accuracy."""
+    tasks = {n: {"accuracy": r.accuracy, "n": r.n, "kind": r.kind} for n, r in results.items()}
+    average = sum(r.accuracy for r in results.values()) / max(len(results), 1)
+    return {"tasks": tasks, "average": average}
+
+
+def markdown_table(rows: dict[str, dict]) -> str:
+    """A Markdown table: one row per method (its ``summary``), one column per task + average."""
+    tasks = list(next(iter(rows.values()))["tasks"]) if rows else []
+    lines = ["| method | " + " | ".join(tasks) + " | average |",
+             "|---|" + "---:|" * (len(tasks) + 1)]
+    for method, s in rows.items():
+        cells = [f"{s['tasks'][t]['accuracy']:.3f}" if t in s["tasks"] else "" for t in tasks]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {s['average']:.3f} |")
+    return "\n".join(lines)
+
+
+def write_predictions(path: Path | str, results: dict[str, TaskResult]) -> None:
+    with Path(path).open("w") as f:
+        for name, r in results.items():
+            for i, p in enumerate(r.predictions):
+                f.write(json.dumps({"task": name, "index": i, **p}) + "\n")

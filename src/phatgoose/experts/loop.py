@@ -1,0 +1,168 @@
+"""The one training loop behind experts and gates: AdamW, linear warm-up then constant,
+gradient clipping, gradient accumulation, validation keeping the best checkpoint, and a stop
+on a non-finite loss that keeps the last good parameters."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from phatgoose.data.encode import Encoded, collate, token_nll
+from phatgoose.errors import DataError, TrainingDivergedError
+from phatgoose.logging import MetricLogger
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (defaults: the reference's, see docs/spec)."""
+
+    steps: int = 1000  # optimizer steps
+    lr: float = 5e-3  # AdamW learning rate
+    weight_decay: float = 0.0
+    warmup_fraction: float = 0.06  # linear warm-up over this share of the steps, then constant
+    max_grad_norm: float = 1.0  # gradient-norm clipping
+    batch_size: int = 8  # sequences per forward pass
+    grad_accum: int = 1  # forward passes per optimizer step (effective batch = product)
+    eval_every: int = 100  # validate every N steps (and at the end) and keep the best
+    max_input_tokens: int = 512
+    max_target_tokens: int = 512
+    bf16: bool = False  # bf16 autocast (CPU with AMX, or CUDA)
+    seed: int = 42
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    best_step: int
+    best_val_loss: float | None
+    steps_done: int
+    diverged_at: int | None  # step whose loss was NaN/inf, if any
+    seconds: float
+
+
+def autocast(enabled: bool, device: torch.device):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def batches(data: list[Encoded], size: int, seed: int) -> Iterator[list[Encoded]]:
+    """Endless shuffled batches, reshuffled every epoch, deterministic from the seed."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while True:
+        if len(order) < size:
+            fresh = list(range(len(data)))
+            rng.shuffle(fresh)
+            order += fresh
+        yield [data[i] for i in order[:size]]
+        order = order[size:]
+
+
+@torch.no_grad()
+def validation_loss(
+    model: nn.Module, data: list[Encoded], pad_id: int, seq2seq: bool, config: TrainConfig
+) -> float:
+    """Token-weighted mean NLL of the targets."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(data), config.batch_size):
+        batch = {k: v.to(device) for k, v in collate(data[i : i + config.batch_size], pad_id,
+                                                      seq2seq).items()}
+        with autocast(config.bf16, device):
+            nll, mask = token_nll(model, batch, seq2seq)
+        total, count = total + nll.sum().item(), count + mask.sum().item()
+    return total / max(count, 1)
+
+
+def train(
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    train_data: list[Encoded],
+    val_data: list[Encoded],
+    pad_id: int,
+    seq2seq: bool,
+    config: TrainConfig,
+    logger: MetricLogger | None = None,
+    desc: str = "train",
+) -> TrainResult:
+    """Train ``params`` (everything else must be frozen) and leave the best ones in place.
+
+    The best parameters are those with the lowest validation loss among the evaluations (every
+    ``eval_every`` steps and at the end); with no validation data, the last ones. On a NaN or
+    infinite loss training stops, the last good parameters are restored, and
+    ``TrainResult.diverged_at`` says where."""
+    if not train_data:
+        raise DataError("no training examples: the task's train split is empty")
+    device = next(model.parameters()).device
+    torch.manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(
+        params.values(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    warmup = max(1, math.ceil(config.warmup_fraction * config.steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    snapshot = {k: p.detach().clone() for k, p in params.items()}  # last good parameters
+    best, best_loss, best_step = dict(snapshot), None, 0
+    diverged_at, started = None, time.time()
+    stream = batches(train_data, config.batch_size, config.seed)
+    model.train()
+    bar = tqdm(range(1, config.steps + 1), desc=desc, unit="step", dynamic_ncols=True)
+    step = 0
+    for step in bar:
+        total = 0.0
+        for _ in range(config.grad_accum):
+            batch = {k: v.to(device) for k, v in collate(next(stream), pad_id, seq2seq).items()}
+            with autocast(config.bf16, device):
+                nll, mask = token_nll(model, batch, seq2seq)
+                loss = nll.sum() / mask.sum().clamp(min=1) / config.grad_accum
+            loss.backward()
+            total += loss.item()
+        if not math.isfinite(total):
+            diverged_at = step
+            break
+        grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), config.max_grad_norm).item()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not all(p.isfinite().all() for p in params.values()):
+            diverged_at = step
+            break
+        snapshot = {k: p.detach().clone() for k, p in params.items()}
+        bar.set_postfix(loss=f"{total:.4f}")
+        if logger:
+            logger.log(step=step, loss=total, lr=schedule.get_last_lr()[0], grad_norm=grad_norm)
+        if val_data and (step % config.eval_every == 0 or step == config.steps):
+            model.eval()
+            val = validation_loss(model, val_data, pad_id, seq2seq, config)
+            model.train()
+            if logger:
+                logger.log(step=step, val_loss=val)
+            if best_loss is None or val < best_loss:
+                best, best_loss, best_step = snapshot, val, step
+    bar.close()
+    model.eval()
+    if diverged_at is not None or not val_data:
+        best, best_step, best_loss = snapshot, step - (diverged_at is not None), None
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(best[k])
+    optimizer.zero_grad(set_to_none=True)
+    return TrainResult(best_step, best_loss, step, diverged_at, time.time() - started)
+
+
+def raise_if_diverged(result: TrainResult, where: str) -> None:
+    if result.diverged_at is not None:
+        raise TrainingDivergedError(
+            f"loss became NaN/inf at step {result.diverged_at}; kept the last good parameters "
+            f"(step {result.best_step}) in {where}: lower the learning rate or check the data"
+        )

@@ -1,0 +1,185 @@
+"""Training one LoRA expert per task (with PEFT) and its PHATGOOSE gate (post hoc)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from phatgoose.data.encode import Encoded, encode
+from phatgoose.data.tasks import Example
+from phatgoose.errors import LibraryError
+from phatgoose.experts.loop import TrainConfig, raise_if_diverged, train
+from phatgoose.library.expert import (
+    EXPERT_META,
+    GATES,
+    load_lora,
+    load_metadata,
+    write_json,
+    write_safetensors,
+)
+from phatgoose.logging import MetricLogger
+from phatgoose.models import BaseModel, resolve_target_modules
+from phatgoose.routing.attach import _check_fit, _set_module, unroute
+from phatgoose.routing.container import RoutedLinear
+from phatgoose.routing.routers import SigmoidGate
+
+
+@dataclass
+class ExpertConfig(TrainConfig):
+    """A LoRA expert: the reference's recipe by default (rank 16, delta W = B A / r, A ~
+    N(0, 0.01^2), B = 0, no dropout, every linear of attention and MLP)."""
+
+    rank: int = 16
+    alpha: float = 1.0  # PEFT's lora_alpha: scaling = alpha / rank
+    targets: str | list[str] = "all-linear"  # or module-name suffixes, e.g. [q_proj, v_proj]
+    init_a_std: float | None = 0.01  # None keeps PEFT's default (Kaiming-uniform) init of A
+
+
+@dataclass
+class GateConfig(TrainConfig):
+    """A PHATGOOSE gate: same optimiser settings as the expert, 100 steps."""
+
+    steps: int = 100
+
+
+def encode_examples(base: BaseModel, examples: list[Example], config: TrainConfig) -> list[Encoded]:
+    return [
+        encode(base.tokenizer, e.prompt, e.continuation, base.is_seq2seq,
+               config.max_input_tokens, config.max_target_tokens)
+        for e in examples
+    ]
+
+
+def _write_dir_atomically(out: Path, fill) -> None:
+    """Create ``out`` by filling a temporary sibling directory, then renaming it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        fill(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train_expert(
+    base: BaseModel,
+    task: str,
+    train_examples: list[Example],
+    val_examples: list[Example],
+    out: Path | str,
+    config: ExpertConfig | None = None,
+    log_path: Path | str | None = None,
+) -> Path:
+    """Train a LoRA expert on a frozen base model and save it as a PEFT adapter directory
+    plus ``expert.json``. The base model is left unchanged."""
+    config = config or ExpertConfig()
+    out = Path(out)
+    model = base.model
+    targets = resolve_target_modules(model, config.targets)
+    lora_config = LoraConfig(
+        r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, target_modules=targets,
+        task_type="SEQ_2_SEQ_LM" if base.is_seq2seq else "CAUSAL_LM",
+    )
+    torch.manual_seed(config.seed)
+    peft_model = get_peft_model(model, lora_config)
+    params = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
+    if config.init_a_std is not None:
+        with torch.no_grad():
+            for name, p in params.items():
+                if "lora_A" in name:
+                    p.normal_(0.0, config.init_a_std)
+    for p in params.values():
+        p.requires_grad_(True)
+    logger = MetricLogger(log_path)
+    try:
+        result = train(
+            peft_model, params, encode_examples(base, train_examples, config),
+            encode_examples(base, val_examples, config), base.tokenizer.pad_token_id,
+            base.is_seq2seq, config, logger, desc=f"expert {task}",
+        )
+        metadata = {
+            "task": task,
+            "base_model": base.name,
+            "base_fingerprint": base.fingerprint,
+            "kind": "lora",
+            "config": asdict(config),
+            "metrics": {
+                "best_step": result.best_step,
+                "best_val_loss": result.best_val_loss,
+                "steps_done": result.steps_done,
+                "diverged_at": result.diverged_at,
+                "train_seconds": round(result.seconds, 1),
+                "train_examples": len(train_examples),
+                "val_examples": len(val_examples),
+            },
+        }
+
+        def fill(tmp: Path) -> None:
+            peft_model.save_pretrained(tmp, safe_serialization=True)
+            write_json(tmp / EXPERT_META, metadata)
+
+        _write_dir_atomically(out, fill)
+    finally:
+        logger.close()
+        peft_model.unload()  # removes the LoRA layers, restoring the base modules
+    raise_if_diverged(result, str(out))
+    return out
+
+
+def train_gate(
+    base: BaseModel,
+    expert_dir: Path | str,
+    train_examples: list[Example],
+    val_examples: list[Example],
+    config: GateConfig | None = None,
+    log_path: Path | str | None = None,
+) -> Path:
+    """Train the expert's gate: y = W x + sigmoid(v . x) * s B A x at every adapted module,
+    v initialised to zeros; only the v's train (base and LoRA frozen). Saves
+    ``gates.safetensors`` beside the adapter and the gate metrics into ``expert.json``."""
+    config = config or GateConfig()
+    expert_dir = Path(expert_dir)
+    metadata = load_metadata(expert_dir)
+    if metadata.get("base_fingerprint") != base.fingerprint:
+        raise LibraryError(
+            f"{expert_dir} was trained on base model {metadata.get('base_model')!r} "
+            f"({metadata.get('base_fingerprint')}), not on {base.name!r} ({base.fingerprint})"
+        )
+    lora = load_lora(expert_dir)
+    model = base.model
+    _check_fit(model, lora)
+    gates: dict[str, SigmoidGate] = {}
+    for module, weights in lora.items():
+        layer = model.get_submodule(module)
+        gates[module] = SigmoidGate(weights.A.shape[1]).to(layer.weight.device)
+        _set_module(model, module, RoutedLinear(layer, [weights], gates[module]))
+    params = {m: g.vectors for m, g in gates.items()}
+    logger = MetricLogger(log_path)
+    try:
+        result = train(
+            model, params, encode_examples(base, train_examples, config),
+            encode_examples(base, val_examples, config), base.tokenizer.pad_token_id,
+            base.is_seq2seq, config, logger, desc=f"gate {metadata.get('task', expert_dir.name)}",
+        )
+        write_safetensors(expert_dir / GATES, {m: v[0] for m, v in params.items()})
+        metadata["gate"] = {
+            "config": asdict(config),
+            "best_step": result.best_step,
+            "best_val_loss": result.best_val_loss,
+            "diverged_at": result.diverged_at,
+            "train_seconds": round(result.seconds, 1),
+        }
+        write_json(expert_dir / EXPERT_META, metadata)
+    finally:
+        logger.close()
+        unroute(model)
+    raise_if_diverged(result, str(expert_dir / GATES))
+    return expert_dir / GATES

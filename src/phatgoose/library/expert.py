@@ -1,0 +1,123 @@
+"""One expert on disk: a standard PEFT LoRA adapter directory plus phatgoose's files.
+
+    <expert>/adapter_config.json        PEFT's config (PeftModel.from_pretrained loads the dir as is)
+    <expert>/adapter_model.safetensors  A as (r, d_in), B as (d_out, r)
+    <expert>/expert.json                task, base model id + fingerprint, training config, metrics
+    <expert>/gates.safetensors          one PHATGOOSE gate vector (d_in,) per adapted module
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from phatgoose.errors import LibraryError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+EXPERT_META = "expert.json"
+GATES = "gates.safetensors"
+_PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class LoraWeights:
+    """One expert at one module: delta W = scaling * B A, with A (r, d_in) and B (d_out, r)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as err:
+        raise LibraryError(f"{path} is missing") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LibraryError(f"{path} is not valid JSON ({err}); rewrite or remove it") from err
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load tensors from a safetensors file; anything else (e.g. a pickle) is refused."""
+    path = Path(path)
+    if not path.exists():
+        raise LibraryError(f"{path} is missing")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise LibraryError(
+            f"{path} is not a valid safetensors file ({err}); phatgoose never loads pickles: "
+            "re-save the weights with safetensors"
+        ) from err
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
+    """Write a safetensors file atomically (temporary file, then rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_lora(expert_dir: Path) -> dict[str, LoraWeights]:
+    """Read a PEFT LoRA adapter directory into {base module name: LoraWeights}."""
+    expert_dir = Path(expert_dir)
+    config = read_json(expert_dir / ADAPTER_CONFIG)
+    if config.get("peft_type", "LORA") != "LORA":
+        raise LibraryError(f"{expert_dir} holds a {config['peft_type']} adapter, not a LoRA")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise LibraryError(f"{expert_dir}: per-module rank_pattern/alpha_pattern is not supported")
+    if not (expert_dir / ADAPTER_WEIGHTS).exists() and (expert_dir / "adapter_model.bin").exists():
+        raise LibraryError(
+            f"{expert_dir} has adapter_model.bin (a pickle), which phatgoose does not load: "
+            "re-save it with PEFT's save_pretrained(safe_serialization=True)"
+        )
+    tensors = read_safetensors(expert_dir / ADAPTER_WEIGHTS)
+    alpha, rank = float(config.get("lora_alpha", 8)), int(config.get("r", 8))
+    scaling = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
+    modules: dict[str, LoraWeights] = {}
+    for key, A in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        name = key.removesuffix(".lora_A.weight").removeprefix(_PEFT_PREFIX)
+        B = tensors.get(key.replace(".lora_A.", ".lora_B."))
+        if B is None or A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
+            raise LibraryError(f"{expert_dir}: LoRA factors of {name} are missing or misshapen")
+        modules[name] = LoraWeights(A, B, scaling)
+    if not modules:
+        raise LibraryError(f"{expert_dir / ADAPTER_WEIGHTS} holds no LoRA weights")
+    return modules
+
+
+def load_gates(expert_dir: Path) -> dict[str, torch.Tensor]:
+    """Read an expert's gate vectors {module name: (d_in,)}."""
+    path = Path(expert_dir) / GATES
+    if not path.exists():
+        raise LibraryError(
+            f"{path} is missing: train the gate first (`phatgoose train-gate {expert_dir}`)"
+        )
+    return read_safetensors(path)
+
+
+def load_metadata(expert_dir: Path) -> dict[str, Any]:
+    return read_json(Path(expert_dir) / EXPERT_META)

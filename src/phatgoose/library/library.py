@@ -1,0 +1,188 @@
+"""An expert library: a directory of experts with a JSON manifest.
+
+    <library>/manifest.json        base model id and fingerprint, and the experts in order
+    <library>/experts/<name>/      one expert directory each (see ``phatgoose.library.expert``)
+
+Adding an expert copies its directory in and rewrites the manifest; no other expert is touched
+or retrained (PHATGOOSE's post-hoc property)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from phatgoose.errors import LibraryError
+from phatgoose.library.expert import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    EXPERT_META,
+    GATES,
+    LoraWeights,
+    load_gates,
+    load_lora,
+    load_metadata,
+    read_json,
+    write_json,
+)
+
+MANIFEST = "manifest.json"
+FORMAT = "phatgoose-library"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def expert_name(task: str) -> str:
+    """A directory-safe expert name from a task name ("color/rgb" -> "color.rgb")."""
+    return re.sub(r"[^A-Za-z0-9._-]+", ".", task).strip(".")
+
+
+class ExpertLibrary:
+    """Read and extend a library directory. Tensors are loaded lazily, per expert."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        if not (self.root / MANIFEST).exists():
+            raise LibraryError(
+                f"{self.root} is not an expert library (no {MANIFEST}): "
+                "create one with `phatgoose library build`"
+            )
+        self.manifest = read_json(self.root / MANIFEST)
+        if self.manifest.get("format") != FORMAT:
+            raise LibraryError(f"{self.root / MANIFEST} is not a phatgoose library manifest")
+
+    # -- creation -------------------------------------------------------------------------
+    @classmethod
+    def create(cls, root: Path | str, base_model: str, base_fingerprint: str) -> ExpertLibrary:
+        root = Path(root)
+        if (root / MANIFEST).exists():
+            raise LibraryError(f"{root} already holds a library: use `phatgoose library add`")
+        (root / "experts").mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "format": FORMAT,
+            "version": 1,
+            "base_model": base_model,
+            "base_fingerprint": base_fingerprint,
+            "experts": [],
+        }
+        write_json(root / MANIFEST, manifest)
+        return cls(root)
+
+    @classmethod
+    def build(cls, root: Path | str, expert_dirs: list[Path]) -> ExpertLibrary:
+        """Create a library from trained expert directories (each with its gate)."""
+        if not expert_dirs:
+            raise LibraryError("no experts given: pass the directories of trained experts")
+        meta = load_metadata(Path(expert_dirs[0]))
+        library = cls.create(root, meta["base_model"], meta["base_fingerprint"])
+        for expert_dir in expert_dirs:
+            library.add(expert_dir)
+        return library
+
+    def add(self, expert_dir: Path | str, name: str | None = None) -> str:
+        """Copy a trained expert (adapter + gate + metadata) into the library."""
+        expert_dir = Path(expert_dir)
+        meta = load_metadata(expert_dir)
+        name = name or expert_name(meta.get("task") or expert_dir.name)
+        if not _NAME.match(name):
+            raise LibraryError(f"invalid expert name {name!r}: use letters, digits, '.', '_', '-'")
+        if name in self.names:
+            raise LibraryError(f"{self.root} already has an expert named {name!r}")
+        if meta.get("base_fingerprint") != self.base_fingerprint:
+            raise LibraryError(
+                f"{expert_dir} was trained on base model {meta.get('base_model')!r} (fingerprint "
+                f"{meta.get('base_fingerprint')}), but this library is for {self.base_model!r} "
+                f"({self.base_fingerprint}): retrain it on the library's base model"
+            )
+        lora = load_lora(expert_dir)
+        gates = load_gates(expert_dir)
+        self._check_gates(name, lora, gates)
+        tmp = Path(tempfile.mkdtemp(dir=self.root / "experts", prefix=".tmp-"))
+        try:
+            for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPERT_META, GATES):
+                shutil.copy2(expert_dir / file, tmp / file)
+            tmp.rename(self.root / "experts" / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        first = next(iter(lora.values()))
+        entry = {
+            "name": name,
+            "task": meta.get("task"),
+            "path": f"experts/{name}",
+            "modules": len(lora),
+            "rank": int(first.A.shape[0]),
+            "metrics": meta.get("metrics", {}),
+        }
+        self.manifest["experts"].append(entry)
+        write_json(self.root / MANIFEST, self.manifest)
+        return name
+
+    # -- reading --------------------------------------------------------------------------
+    @property
+    def base_model(self) -> str:
+        return self.manifest["base_model"]
+
+    @property
+    def base_fingerprint(self) -> str:
+        return self.manifest["base_fingerprint"]
+
+    @property
+    def names(self) -> list[str]:
+        return [e["name"] for e in self.manifest["experts"]]
+
+    def entry(self, name: str) -> dict[str, Any]:
+        for e in self.manifest["experts"]:
+            if e["name"] == name:
+                return e
+        raise LibraryError(f"no expert {name!r} in {self.root}; it has: {', '.join(self.names)}")
+
+    def expert_dir(self, name: str) -> Path:
+        return self.root / self.entry(name)["path"]
+
+    def lora(self, name: str) -> dict[str, LoraWeights]:
+        return load_lora(self.expert_dir(name))
+
+    def gates(self, name: str) -> dict[str, torch.Tensor]:
+        return load_gates(self.expert_dir(name))
+
+    def metadata(self, name: str) -> dict[str, Any]:
+        return load_metadata(self.expert_dir(name))
+
+    # -- checks ---------------------------------------------------------------------------
+    @staticmethod
+    def _check_gates(name: str, lora: dict[str, LoraWeights], gates: dict[str, torch.Tensor]):
+        if set(gates) != set(lora):
+            missing = sorted(set(lora) - set(gates))[:3]
+            raise LibraryError(f"expert {name!r}: gates do not cover its LoRA modules {missing}")
+        for module, weights in lora.items():
+            if gates[module].shape != (weights.A.shape[1],):
+                raise LibraryError(
+                    f"expert {name!r}: gate of {module} has shape {tuple(gates[module].shape)}, "
+                    f"expected ({weights.A.shape[1]},)"
+                )
+
+    def verify(self) -> list[str]:
+        """Every problem found, as one line each (an empty list means the library is sound)."""
+        problems: list[str] = []
+        modules: set[str] | None = None
+        for name in self.names:
+            try:
+                meta = self.metadata(name)
+                lora, gates = self.lora(name), self.gates(name)
+                self._check_gates(name, lora, gates)
+            except LibraryError as err:
+                problems.append(str(err))
+                continue
+            if meta.get("base_fingerprint") != self.base_fingerprint:
+                problems.append(f"expert {name!r} was trained on another base model")
+            bad = [m for m, w in lora.items() if not (w.A.isfinite().all() and w.B.isfinite().all())]
+            bad += [m for m, g in gates.items() if not g.isfinite().all()]
+            if bad:
+                problems.append(f"expert {name!r} has non-finite weights in {bad[0]}")
+            if modules is not None and set(lora) != modules:
+                problems.append(f"expert {name!r} adapts other modules than the first expert")
+            modules = modules if modules is not None else set(lora)
+        return problems

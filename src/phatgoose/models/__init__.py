@@ -1,0 +1,21 @@
+"""Base models: load any Hugging Face causal or seq2seq LM, offline, and describe it."""
+
+from phatgoose.models.base import (
+    EMBEDDED_MODEL,
+    BaseModel,
+    embedded_model_dir,
+    fingerprint,
+    linear_dims,
+    load_base_model,
+    resolve_target_modules,
+)
+
+__all__ = [
+    "EMBEDDED_MODEL",
+    "BaseModel",
+    "embedded_model_dir",
+    "fingerprint",
+    "linear_dims",
+    "load_base_model",
+    "resolve_target_modules",
+]

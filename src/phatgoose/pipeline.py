@@ -1,0 +1,206 @@
+"""The whole PHATGOOSE pipeline from one config: experts -> gates -> library -> evaluation.
+
+Every stage caches its output on disk, keyed by the settings that produced it, so a rerun (or a
+run resumed after a crash) skips what is already done."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from phatgoose.data.bigbench import bigbench_task_path, fetch_bigbench
+from phatgoose.data.tasks import Example, Task, TaskSplits, load_task
+from phatgoose.errors import PhatgooseError
+from phatgoose.eval.evaluate import (
+    EvalConfig,
+    evaluate,
+    markdown_table,
+    summary,
+    write_predictions,
+)
+from phatgoose.experts.train import ExpertConfig, GateConfig, train_expert, train_gate
+from phatgoose.library.expert import EXPERT_META, GATES, read_json, write_json
+from phatgoose.library.library import MANIFEST, ExpertLibrary, expert_name
+from phatgoose.models import EMBEDDED_MODEL, BaseModel, load_base_model
+from phatgoose.routing.attach import route, unroute
+
+
+@dataclass
+class SplitConfig:
+    """Deterministic train / validation / test splits of every task."""
+
+    seed: int = 42
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.2
+    max_train: int | None = None  # cap on training examples
+    max_validation: int | None = None
+    max_test: int | None = None  # cap on evaluated examples
+
+    def apply(self, task: Task) -> TaskSplits:
+        splits = task.split(self.seed, self.validation_fraction, self.test_fraction,
+                            max_test=self.max_test, max_validation=self.max_validation)
+        if self.max_train is not None:
+            splits.train = splits.train[: self.max_train]
+        return splits
+
+
+def open_task(source: str) -> Task:
+    """A task from a path (task.json, its folder, .jsonl), ``hf:NAME``, or a BIG-bench task
+    name already fetched with ``phatgoose data bigbench``."""
+    if source.startswith("hf:") or Path(source).exists():
+        return load_task(source)
+    return load_task(str(bigbench_task_path(source)), name=source)
+
+
+def config_key(*parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class PipelineConfig:
+    """One run: train an expert and a gate per held-in task, build the library, evaluate."""
+
+    model: str = EMBEDDED_MODEL
+    workdir: str = "runs/demo"
+    experts: list[str] = field(default_factory=list)  # held-in tasks, one expert each
+    eval_tasks: list[str] = field(default_factory=list)  # held-out tasks
+    methods: list[str] = field(default_factory=lambda: ["base", "phatgoose"])
+    top_k: int = 2
+    split: SplitConfig = field(default_factory=SplitConfig)
+    expert: ExpertConfig = field(default_factory=ExpertConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PipelineConfig:
+        nested = {"split": SplitConfig, "expert": ExpertConfig, "gate": GateConfig,
+                  "eval": EvalConfig}
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise PhatgooseError(f"unknown config keys {sorted(unknown)}; known: {sorted(known)}")
+        kwargs = dict(data)
+        for key, kind in nested.items():
+            if key in kwargs:
+                sub_known = {f.name for f in fields(kind)}
+                bad = set(kwargs[key] or {}) - sub_known
+                if bad:
+                    raise PhatgooseError(f"unknown keys {sorted(bad)} in {key!r}; "
+                                         f"known: {sorted(sub_known)}")
+                kwargs[key] = kind(**(kwargs[key] or {}))
+        return cls(**kwargs)
+
+
+def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
+    """Run (or resume) the pipeline; returns the evaluation summaries and stage timings."""
+    if not config.experts:
+        raise PhatgooseError("the config names no expert tasks (`experts: [...]`)")
+    work = Path(config.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    t = time.time()
+    bigbench = [s for s in config.experts + config.eval_tasks
+                if not s.startswith("hf:") and not Path(s).exists()]
+    if bigbench:
+        fetch_bigbench(bigbench)
+    tasks = {s: open_task(s) for s in config.experts + config.eval_tasks}
+    splits = {s: config.split.apply(task) for s, task in tasks.items()}
+    timings["data"] = time.time() - t
+
+    t = time.time()
+    base = load_base_model(config.model)
+    timings["load model"] = time.time() - t
+    log(f"base model {base.name} (fingerprint {base.fingerprint})")
+
+    expert_dirs = []
+    t = time.time()
+    for source in config.experts:
+        out = work / "experts" / expert_name(source)
+        expert_dirs.append(out)
+        key = config_key(base.fingerprint, source, asdict(config.split), asdict(config.expert))
+        if _cached(out / EXPERT_META, "cache_key", key):
+            log(f"expert {source}: cached in {out}")
+            continue
+        s = splits[source]
+        train_expert(base, source, s.train, s.validation, out, config.expert,
+                     log_path=work / "logs" / f"expert-{out.name}.jsonl")
+        _stamp(out / EXPERT_META, cache_key=key)
+    timings["train experts"] = time.time() - t
+
+    t = time.time()
+    for source, out in zip(config.experts, expert_dirs):
+        key = config_key(read_json(out / EXPERT_META)["cache_key"], asdict(config.gate))
+        if (out / GATES).exists() and _cached(out / EXPERT_META, "gate_cache_key", key):
+            log(f"gate {source}: cached")
+            continue
+        s = splits[source]
+        train_gate(base, out, s.train, s.validation, config.gate,
+                   log_path=work / "logs" / f"gate-{out.name}.jsonl")
+        _stamp(out / EXPERT_META, gate_cache_key=key)
+    timings["train gates"] = time.time() - t
+
+    library_dir = work / "library"
+    lib_key = config_key([read_json(d / EXPERT_META).get("gate_cache_key") for d in expert_dirs])
+    if not _cached(library_dir / MANIFEST, "cache_key", lib_key):
+        tmp = work / ".library.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        ExpertLibrary.build(tmp, expert_dirs)
+        _stamp(tmp / MANIFEST, cache_key=lib_key)
+        shutil.rmtree(library_dir, ignore_errors=True)
+        tmp.rename(library_dir)
+    library = ExpertLibrary(library_dir)
+
+    eval_sets = {s: splits[s].test for s in (config.eval_tasks or config.experts)}
+    rows = evaluate_methods(base, library, eval_sets, config.methods, config.top_k, config.eval,
+                            work, timings)
+    table = markdown_table(rows)
+    result = {"summaries": rows, "timings_s": {k: round(v, 1) for k, v in timings.items()},
+              "table": table}
+    (work / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (work / "results.md").write_text(table + "\n")
+    return result
+
+
+def evaluate_methods(
+    base: BaseModel, library: ExpertLibrary | None, eval_sets: dict[str, list[Example]],
+    methods: list[str], top_k: int, config: EvalConfig, out: Path | None,
+    timings: dict[str, float] | None = None,
+) -> dict[str, dict]:
+    """Evaluate each method ("base", or a routing method over the library) on the same sets."""
+    rows = {}
+    for method in methods:
+        t = time.time()
+        if method != "base":
+            if library is None:
+                raise PhatgooseError(f"method {method!r} needs a library (--library)")
+            route(base.model, library, method=method, top_k=top_k)
+        try:
+            results = evaluate(base, eval_sets, config, desc=f"eval {method}")
+        finally:
+            unroute(base.model)
+        rows[method] = summary(results)
+        if out is not None:
+            write_predictions(out / f"predictions-{method.replace(':', '_')}.jsonl", results)
+        if timings is not None:
+            timings[f"eval {method}"] = time.time() - t
+    return rows
+
+
+def _cached(path: Path, field_name: str, key: str) -> bool:
+    try:
+        return read_json(path).get(field_name) == key
+    except PhatgooseError:
+        return False
+
+
+def _stamp(path: Path, **values: str) -> None:
+    data = read_json(path)
+    data.update(values)
+    write_json(path, data)

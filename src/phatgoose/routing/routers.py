@@ -1,0 +1,71 @@
+"""Routers: map a module input x (..., d_in) to mixing weights over E experts (..., E).
+
+A router is a replaceable part of a routed module (see ``RoutedLinear``): it sees the raw module
+input and returns one weight per expert and token, zero for experts it does not use.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def standardise(t: Tensor, eps: float = 1e-5) -> Tensor:
+    """Subtract the mean and divide by the standard deviation over the last dimension
+    (a LayerNorm without learned scale or shift)."""
+    return F.layer_norm(t, t.shape[-1:], eps=eps)
+
+
+def top_k_softmax(scores: Tensor, k: int) -> Tensor:
+    """Dense weights: softmax over the k highest scores of each row, zero elsewhere."""
+    k = min(k, scores.shape[-1])
+    values, indices = scores.topk(k, dim=-1)
+    return torch.zeros_like(scores).scatter(-1, indices, values.softmax(dim=-1))
+
+
+class PhatgooseRouter(nn.Module):
+    """PHATGOOSE routing: s_i = LN(x) . LN(v_i) / sqrt(d_in); top-k; softmax over the k.
+
+    ``vectors`` (E, d_in) are the experts' trained gates (or any other routing vectors, e.g.
+    average activations). Scores are computed in fp32 whatever the model's dtype."""
+
+    def __init__(self, vectors: Tensor, top_k: int = 2, eps: float = 1e-5) -> None:
+        super().__init__()
+        if vectors.ndim != 2:
+            raise ValueError(f"routing vectors must be (experts, d_in), got {tuple(vectors.shape)}")
+        self.top_k = top_k
+        self.eps = eps
+        self.register_buffer("vectors", standardise(vectors.float(), eps))
+
+    def scores(self, x: Tensor) -> Tensor:
+        d_in = self.vectors.shape[-1]
+        return standardise(x.float(), self.eps) @ self.vectors.T / math.sqrt(d_in)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return top_k_softmax(self.scores(x), self.top_k)
+
+
+class SigmoidGate(nn.Module):
+    """The PHATGOOSE gate being trained: weight sigmoid(v . x) on the raw module input, one
+    vector per expert, initialised to zeros (so every gate starts at 0.5)."""
+
+    def __init__(self, d_in: int, experts: int = 1) -> None:
+        super().__init__()
+        self.vectors = nn.Parameter(torch.zeros(experts, d_in))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(x.float() @ self.vectors.float().T)
+
+
+class FixedWeights(nn.Module):
+    """The same weights for every token: uniform mixing (1/E each) or one single expert."""
+
+    def __init__(self, weights: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weights", weights.float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.weights.expand(*x.shape[:-1], -1)

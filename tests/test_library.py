@@ -1,0 +1,106 @@
+"""Library build / add / list / verify, PEFT round trips and every bad input on disk."""
+
+import hashlib
+import pickle
+
+import pytest
+import torch
+from conftest import random_expert, tiny_gpt2, tiny_llama
+from peft import PeftModel
+
+from phatgoose.errors import LibraryError, ModelError
+from phatgoose.library import ExpertLibrary
+from phatgoose.models.base import wrap_model
+from phatgoose.routing import RoutedLinear, route, unroute
+
+
+def tree_digest(root) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_build_add_list_verify_and_post_hoc_add(base, tmp_path):
+    dirs = [random_expert(base, tmp_path / f"e{i}", seed=i) for i in range(3)]
+    lib = ExpertLibrary.build(tmp_path / "lib", dirs[:2])
+    assert lib.names == ["e0", "e1"]
+    assert lib.verify() == []
+    before = tree_digest(tmp_path / "lib" / "experts")
+    assert ExpertLibrary(tmp_path / "lib").add(dirs[2]) == "e2"
+    after = tree_digest(tmp_path / "lib" / "experts")
+    assert {k: v for k, v in after.items() if k.startswith(("e0", "e1"))} == before
+    assert ExpertLibrary(tmp_path / "lib").names == ["e0", "e1", "e2"]
+    with pytest.raises(LibraryError, match="already has an expert named 'e2'"):
+        ExpertLibrary(tmp_path / "lib").add(dirs[2])
+
+
+def test_one_expert_top1_reproduces_the_expert_and_peft_round_trip(base, tmp_path):
+    """A one-expert library routed top-1 gives the expert's own outputs, as PEFT loads it."""
+    expert = random_expert(base, tmp_path / "solo", seed=3)
+    lib = ExpertLibrary.build(tmp_path / "lib", [expert])
+    ids = torch.randint(2, 100, (2, 9))
+    inputs = {"input_ids": ids}
+    if base.is_seq2seq:
+        inputs["decoder_input_ids"] = torch.randint(2, 100, (2, 5))
+    plain = base.model(**inputs).logits
+    route(base.model, lib, top_k=1)
+    routed = base.model(**inputs).logits
+    unroute(base.model)
+    torch.testing.assert_close(base.model(**inputs).logits, plain)  # unroute restores the base
+    peft = PeftModel.from_pretrained(base.model, lib.expert_dir("solo"))
+    expected = peft(**inputs).logits
+    peft.unload()
+    assert not torch.allclose(routed, plain, atol=1e-3)  # the expert changes the outputs
+    torch.testing.assert_close(routed, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_fingerprint_mismatch_is_refused(tokenizer, tmp_path):
+    a = wrap_model(tiny_llama(len(tokenizer), seed=0), tokenizer, "llama-a")
+    b = wrap_model(tiny_llama(len(tokenizer), seed=1), tokenizer, "llama-b")
+    lib = ExpertLibrary.build(tmp_path / "lib", [random_expert(a, tmp_path / "ea", seed=0)])
+    with pytest.raises(LibraryError, match="trained on base model 'llama-b'"):
+        lib.add(random_expert(b, tmp_path / "eb", seed=0))
+    with pytest.raises(ModelError, match="differ from the base model"):
+        route(b.model, lib)
+    assert not any(isinstance(m, RoutedLinear) for m in b.model.modules())
+
+
+def test_experts_that_do_not_fit_the_model(tokenizer, tmp_path):
+    llama = wrap_model(tiny_llama(len(tokenizer)), tokenizer, "llama")
+    gpt2 = wrap_model(tiny_gpt2(len(tokenizer)), tokenizer, "gpt2")
+    lib = ExpertLibrary.build(tmp_path / "lib", [random_expert(llama, tmp_path / "e", seed=0)])
+    with pytest.raises(ModelError, match="does not have: they were trained on another"):
+        route(gpt2.model, lib, check_fingerprint=False)
+
+
+def test_pickled_weights_are_refused(llama, tmp_path):
+    expert = random_expert(llama, tmp_path / "e", seed=0)
+    (expert / "adapter_model.safetensors").write_bytes(pickle.dumps({"x": 1}))
+    with pytest.raises(LibraryError, match="not a valid safetensors file"):
+        ExpertLibrary.build(tmp_path / "lib", [expert])
+    (expert / "adapter_model.safetensors").unlink()
+    torch.save({}, expert / "adapter_model.bin")
+    with pytest.raises(LibraryError, match="adapter_model.bin \\(a pickle\\)"):
+        ExpertLibrary.build(tmp_path / "lib2", [expert])
+
+
+def test_corrupt_manifest_and_missing_gate(llama, tmp_path):
+    lib = ExpertLibrary.build(tmp_path / "lib", [random_expert(llama, tmp_path / "e", seed=0)])
+    (lib.expert_dir("e") / "gates.safetensors").unlink()
+    assert "train the gate first" in lib.verify()[0]
+    (tmp_path / "lib" / "manifest.json").write_text("{not json")
+    with pytest.raises(LibraryError, match="is not valid JSON"):
+        ExpertLibrary(tmp_path / "lib")
+    with pytest.raises(LibraryError, match="is not an expert library"):
+        ExpertLibrary(tmp_path)
+
+
+def test_gpt2_conv1d_modules_are_routed(tokenizer, tmp_path):
+    gpt2 = wrap_model(tiny_gpt2(len(tokenizer)), tokenizer, "gpt2")
+    lib = ExpertLibrary.build(tmp_path / "lib", [random_expert(gpt2, tmp_path / "e", seed=0)])
+    ids = torch.randint(2, 100, (1, 6))
+    peft = PeftModel.from_pretrained(gpt2.model, lib.expert_dir("e"))
+    expected = peft(input_ids=ids).logits
+    peft.unload()
+    route(gpt2.model, lib, method="single:e")
+    assert len([m for m in gpt2.model.modules() if isinstance(m, RoutedLinear)]) == 2 * 4
+    torch.testing.assert_close(gpt2.model(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)

@@ -1,0 +1,105 @@
+"""Expert and gate training: what changes, what must not, and stopping on a NaN loss."""
+
+import hashlib
+
+import pytest
+import torch
+from conftest import toy_examples
+from peft import PeftModel
+
+import phatgoose.experts.loop as loop
+from phatgoose.errors import TrainingDivergedError
+from phatgoose.experts import ExpertConfig, GateConfig, train_expert, train_gate
+from phatgoose.library import load_gates, load_lora, load_metadata
+from phatgoose.routing import RoutedLinear
+
+FAST = dict(steps=8, lr=1e-2, batch_size=4, eval_every=4, rank=4, alpha=8.0)
+
+
+def checksums(model) -> dict[str, str]:
+    return {k: hashlib.sha256(v.numpy().tobytes()).hexdigest()
+            for k, v in model.state_dict().items()}
+
+
+def file_digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_expert_training_learns_and_saves_a_peft_adapter(base, tmp_path):
+    before = checksums(base.model)
+    examples = toy_examples(32)
+    out = train_expert(base, "toy", examples[:24], examples[24:], tmp_path / "toy",
+                       ExpertConfig(**FAST), log_path=tmp_path / "log.jsonl")
+    assert checksums(base.model) == before  # the base model is left as it was
+    assert not any("lora" in n for n, _ in base.model.named_modules())
+    meta = load_metadata(out)
+    assert meta["base_fingerprint"] == base.fingerprint and meta["task"] == "toy"
+    assert meta["config"]["rank"] == 4 and meta["metrics"]["best_step"] in (4, 8)
+    lora = load_lora(out)
+    assert all(w.B.abs().sum() > 0 for w in lora.values())  # B moved away from zero
+    assert all(w.scaling == 2.0 for w in lora.values())
+    records = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert len([r for r in records if '"loss"' in r]) == 8
+    assert len([r for r in records if "val_loss" in r]) == 2
+    peft = PeftModel.from_pretrained(base.model, out)  # loads as a standard PEFT adapter
+    assert any("lora_A" in n for n, _ in peft.named_parameters())
+    peft.unload()
+
+
+def test_reference_init_is_used(llama, tmp_path):
+    out = train_expert(llama, "toy", toy_examples(8), [], tmp_path / "e",
+                       ExpertConfig(steps=1, lr=1e-9, batch_size=2, rank=8))
+    A = torch.cat([w.A.flatten() for w in load_lora(out).values()])
+    assert abs(A.std().item() - 0.01) < 0.002  # A ~ N(0, 0.01^2); scaling 1/r by default
+    assert next(iter(load_lora(out).values())).scaling == 1 / 8
+
+
+def test_gate_training_changes_the_gates_and_nothing_else(base, tmp_path):
+    examples = toy_examples(32)
+    expert = train_expert(base, "toy", examples[:24], examples[24:], tmp_path / "toy",
+                          ExpertConfig(**FAST))
+    model_before = checksums(base.model)
+    adapter_before = file_digest(expert / "adapter_model.safetensors")
+    seen = {}
+    original = loop.train
+
+    def spy(model, params, *args, **kwargs):
+        seen["trainable"] = {n for n, p in model.named_parameters() if p.requires_grad}
+        seen["params"] = set(params)
+        return original(model, params, *args, **kwargs)
+
+    loop_train = pytest.MonkeyPatch()
+    loop_train.setattr("phatgoose.experts.train.train", spy)
+    try:
+        train_gate(base, expert, examples[:24], examples[24:],
+                   GateConfig(steps=6, lr=1e-2, batch_size=4, eval_every=3))
+    finally:
+        loop_train.undo()
+    gates = load_gates(expert)
+    assert set(gates) == set(load_lora(expert))
+    assert all(g.abs().sum() > 0 for g in gates.values())  # every gate moved from zero
+    assert all(n.endswith("router.vectors") for n in seen["trainable"])  # only gates train
+    assert len(seen["trainable"]) == len(gates)
+    assert checksums(base.model) == model_before
+    assert file_digest(expert / "adapter_model.safetensors") == adapter_before
+    assert not any(isinstance(m, RoutedLinear) for m in base.model.modules())
+    assert load_metadata(expert)["gate"]["config"]["steps"] == 6
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(llama, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = loop.token_nll
+
+    def poisoned(model, batch, seq2seq):
+        calls["n"] += 1
+        nll, mask = real(model, batch, seq2seq)
+        return (nll * float("nan") if calls["n"] == 4 else nll), mask
+
+    monkeypatch.setattr(loop, "token_nll", poisoned)
+    with pytest.raises(TrainingDivergedError, match="step 4; kept the last good parameters"):
+        train_expert(llama, "toy", toy_examples(16), [], tmp_path / "e",
+                     ExpertConfig(**{**FAST, "steps": 10}))
+    meta = load_metadata(tmp_path / "e")
+    assert meta["metrics"]["diverged_at"] == 4 and meta["metrics"]["best_step"] == 3
+    assert all(w.A.isfinite().all() and w.B.isfinite().all()
+               for w in load_lora(tmp_path / "e").values())
