@@ -46,7 +46,9 @@ def test_topk_softmax_equals_renormalised_full_softmax():
     x = torch.randn(2, 7, 32)
     full = router.scores(x).softmax(-1)
     values, indices = full.topk(3, dim=-1)
-    renormalised = torch.zeros_like(full).scatter(-1, indices, values / values.sum(-1, keepdim=True))
+    renormalised = torch.zeros_like(full).scatter(
+        -1, indices, values / values.sum(-1, keepdim=True)
+    )
     torch.testing.assert_close(router(x), renormalised, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(router(x).sum(-1), torch.ones(2, 7))
     assert ((router(x) > 0).sum(-1) == 3).all()

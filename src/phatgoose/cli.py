@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("train-expert", "train one LoRA expert on a task (PEFT adapter + expert.json)",
                 cmd_train_expert)
     model_arg(p)
-    p.add_argument("--task", required=True, help="BIG-bench name, task.json/.jsonl path, or hf:NAME")
+    p.add_argument("--task", required=True,
+                   help="BIG-bench name, task.json/.jsonl path, or hf:NAME")
     p.add_argument("--out", required=True, help="expert directory to write")
     p.add_argument("--log", help="JSONL file for loss and validation metrics")
     add_dataclass_args(p, SplitConfig, "data splits")

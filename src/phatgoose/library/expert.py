@@ -1,6 +1,6 @@
 """One expert on disk: a standard PEFT LoRA adapter directory plus phatgoose's files.
 
-    <expert>/adapter_config.json        PEFT's config (PeftModel.from_pretrained loads the dir as is)
+    <expert>/adapter_config.json        PEFT's config (PeftModel.from_pretrained loads the dir)
     <expert>/adapter_model.safetensors  A as (r, d_in), B as (d_out, r)
     <expert>/expert.json                task, base model id + fingerprint, training config, metrics
     <expert>/gates.safetensors          one PHATGOOSE gate vector (d_in,) per adapted module
@@ -70,7 +70,9 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from err
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
+def write_safetensors(
+    path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None
+) -> None:
     """Write a safetensors file atomically (temporary file, then rename)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")

@@ -178,7 +178,8 @@ class ExpertLibrary:
                 continue
             if meta.get("base_fingerprint") != self.base_fingerprint:
                 problems.append(f"expert {name!r} was trained on another base model")
-            bad = [m for m, w in lora.items() if not (w.A.isfinite().all() and w.B.isfinite().all())]
+            bad = [m for m, w in lora.items()
+                   if not (w.A.isfinite().all() and w.B.isfinite().all())]
             bad += [m for m, g in gates.items() if not g.isfinite().all()]
             if bad:
                 problems.append(f"expert {name!r} has non-finite weights in {bad[0]}")
