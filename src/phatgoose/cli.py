@@ -30,25 +30,29 @@ def _field_type(tp: Any) -> Any:
     return tp
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+def add_dataclass_args(
+    parser: argparse.ArgumentParser, cls: type, title: str, prefix: str = ""
+) -> None:
+    """One option per dataclass field (``prefix`` avoids clashes, e.g. --split-seed)."""
     group = parser.add_argument_group(title)
     for f in fields(cls):
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore
-        flag = "--" + f.name.replace("_", "-")
+        dest = prefix + f.name
+        flag = "--" + dest.replace("_", "-")
         kind = _field_type(f.type)
         if kind is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
                                default=default, help=f"(default: {default})")
         elif f.name == "targets":
-            group.add_argument(flag, dest=f.name, nargs="+", default=default,
+            group.add_argument(flag, dest=dest, nargs="+", default=default,
                                help="'all-linear' or module-name suffixes (default: all-linear)")
         else:
-            group.add_argument(flag, dest=f.name, type=kind, default=default,
+            group.add_argument(flag, dest=dest, type=kind, default=default,
                                help=f"(default: {default})")
 
 
-def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
-    values = {f.name: getattr(args, f.name) for f in fields(cls)}
+def dataclass_from_args(cls: type, args: argparse.Namespace, prefix: str = "") -> Any:
+    values = {f.name: getattr(args, prefix + f.name) for f in fields(cls)}
     if "targets" in values and values["targets"] in (["all-linear"], ("all-linear",)):
         values["targets"] = "all-linear"
     return cls(**values)
@@ -64,7 +68,7 @@ def _load_base(args):
 def _splits(args, source: str):
     from phatgoose.pipeline import SplitConfig, open_task
 
-    return dataclass_from_args(SplitConfig, args).apply(open_task(source))
+    return dataclass_from_args(SplitConfig, args, "split_").apply(open_task(source))
 
 
 def cmd_data_bigbench(args) -> None:
@@ -222,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BIG-bench name, task.json/.jsonl path, or hf:NAME")
     p.add_argument("--out", required=True, help="expert directory to write")
     p.add_argument("--log", help="JSONL file for loss and validation metrics")
-    add_dataclass_args(p, SplitConfig, "data splits")
+    add_dataclass_args(p, SplitConfig, "data splits", prefix="split_")
     add_dataclass_args(p, ExpertConfig, "expert training")
 
     p = command("train-gate", "train the PHATGOOSE gate of a trained expert (post hoc)",
@@ -231,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("expert", help="expert directory (from train-expert)")
     p.add_argument("--task", help="training task (default: the expert's own task)")
     p.add_argument("--log", help="JSONL file for loss and validation metrics")
-    add_dataclass_args(p, SplitConfig, "data splits")
+    add_dataclass_args(p, SplitConfig, "data splits", prefix="split_")
     add_dataclass_args(p, GateConfig, "gate training")
 
     lib = command("library", "build, extend, list, show and verify expert libraries", None)
@@ -270,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/eval", help="folder for results.json / results.md")
     p.add_argument("--predictions", action="store_true",
                    help="also write per-example predictions-<method>.jsonl")
-    add_dataclass_args(p, SplitConfig, "data splits")
+    add_dataclass_args(p, SplitConfig, "data splits", prefix="split_")
     add_dataclass_args(p, EvalConfig, "evaluation")
 
     p = command("pipeline", "run the whole pipeline from a YAML config (cached, resumable)",

