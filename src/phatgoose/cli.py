@@ -66,9 +66,12 @@ def _load_base(args):
 
 
 def _splits(args, source: str):
-    from phatgoose.pipeline import SplitConfig, open_task
+    """The task named by ``source`` and its splits."""
+    from phatgoose.data import load_task
+    from phatgoose.pipeline import SplitConfig
 
-    return dataclass_from_args(SplitConfig, args, "split_").apply(open_task(source))
+    task = load_task(source)
+    return task, dataclass_from_args(SplitConfig, args, "split_").apply(task)
 
 
 def cmd_data_bigbench(args) -> None:
@@ -82,10 +85,11 @@ def cmd_data_bigbench(args) -> None:
 def cmd_train_expert(args) -> None:
     from phatgoose.experts import ExpertConfig, train_expert
 
+    task, splits = _splits(args, args.task)  # bad data fails before the model loads
     base = _load_base(args)
-    splits = _splits(args, args.task)
-    out = train_expert(base, args.task, splits.train, splits.validation, args.out,
-                       dataclass_from_args(ExpertConfig, args), log_path=args.log)
+    out = train_expert(base, task.name, splits.train, splits.validation, args.out,
+                       dataclass_from_args(ExpertConfig, args), log_path=args.log,
+                       source=args.task)
     print(f"expert saved to {out}")
 
 
@@ -93,9 +97,9 @@ def cmd_train_gate(args) -> None:
     from phatgoose.experts import GateConfig, train_gate
     from phatgoose.library import load_metadata
 
+    meta = load_metadata(Path(args.expert))
+    _, splits = _splits(args, args.task or meta.get("task_source") or meta["task"])
     base = _load_base(args)
-    task = args.task or load_metadata(Path(args.expert))["task"]
-    splits = _splits(args, task)
     path = train_gate(base, args.expert, splits.train, splits.validation,
                       dataclass_from_args(GateConfig, args), log_path=args.log)
     print(f"gate saved to {path}")
@@ -142,12 +146,12 @@ def cmd_eval(args) -> None:
 
     if any(m != "base" for m in args.method) and not args.library:
         raise PhatgooseError("routing methods need --library DIR (only 'base' runs without)")
-    base = _load_base(args)
     library = ExpertLibrary(args.library) if args.library else None
     sets = {}
     for source in args.task:
-        splits = _splits(args, source)
-        sets[source] = getattr(splits, args.split)
+        task, splits = _splits(args, source)
+        sets[task.name] = getattr(splits, args.split)
+    base = _load_base(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = evaluate_methods(base, library, sets, args.method, args.top_k,
@@ -285,25 +289,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """Parse twice: once to find --config, then with its values as defaults."""
-    args = parser.parse_args(argv)
-    if not getattr(args, "config", None) or args.command == "pipeline":
-        return args
-    values = {k.replace("-", "_"): v for k, v in _read_yaml(args.config).items()}
-    unknown = [k for k in values if k not in vars(args) or k in ("func", "command", "config")]
-    if unknown:
-        raise PhatgooseError(f"config file {args.config}: unknown options {unknown}")
-    # find the subparser that produced args and give it the config's values as defaults
-    target = parser
-    for name in (args.command, getattr(args, "source", None) or getattr(args, "action", None)):
-        actions = [a for a in target._actions if isinstance(a, argparse._SubParsersAction)]
-        if not actions or name is None or name not in actions[0].choices:
-            break
-        target = actions[0].choices[name]
-    for action in target._actions:
-        if action.dest in values:
-            action.required = False
-    target.set_defaults(**values)
+    """Parse ``argv`` with the values of its ``--config`` YAML file as defaults."""
+    config = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
+    config = config or next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if config:
+        target = parser  # the (sub)parser of the command being run
+        for token in argv:
+            subs = [a for a in target._actions if isinstance(a, argparse._SubParsersAction)]
+            if subs and token in subs[0].choices:
+                target = subs[0].choices[token]
+        values = {k.replace("-", "_"): v for k, v in _read_yaml(config).items()}
+        dests = {a.dest for a in target._actions} - {"help", "config", "debug"}
+        unknown = sorted(set(values) - dests)
+        if unknown:
+            raise PhatgooseError(f"config file {config}: unknown options {unknown}")
+        for action in target._actions:
+            if action.dest in values:
+                action.required = False
+        target.set_defaults(**values)
     return parser.parse_args(argv)
 
 

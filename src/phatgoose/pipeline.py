@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from phatgoose.data.bigbench import bigbench_task_path, fetch_bigbench
+from phatgoose.data.bigbench import fetch_bigbench
 from phatgoose.data.tasks import Example, Task, TaskSplits, load_task
 from phatgoose.errors import PhatgooseError
 from phatgoose.eval.evaluate import (
@@ -47,14 +47,6 @@ class SplitConfig:
         if self.max_train is not None:
             splits.train = splits.train[: self.max_train]
         return splits
-
-
-def open_task(source: str) -> Task:
-    """A task from a path (task.json, its folder, .jsonl), ``hf:NAME``, or a BIG-bench task
-    name already fetched with ``phatgoose data bigbench``."""
-    if source.startswith("hf:") or Path(source).exists():
-        return load_task(source)
-    return load_task(str(bigbench_task_path(source)), name=source)
 
 
 def config_key(*parts: Any) -> str:
@@ -110,7 +102,7 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
                 if not s.startswith("hf:") and not Path(s).exists()]
     if bigbench:
         fetch_bigbench(bigbench)
-    tasks = {s: open_task(s) for s in config.experts + config.eval_tasks}
+    tasks = {s: load_task(s) for s in config.experts + config.eval_tasks}
     splits = {s: config.split.apply(task) for s, task in tasks.items()}
     timings["data"] = time.time() - t
 
@@ -129,8 +121,8 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
             log(f"expert {source}: cached in {out}")
             continue
         s = splits[source]
-        train_expert(base, source, s.train, s.validation, out, config.expert,
-                     log_path=work / "logs" / f"expert-{out.name}.jsonl")
+        train_expert(base, tasks[source].name, s.train, s.validation, out, config.expert,
+                     log_path=work / "logs" / f"expert-{out.name}.jsonl", source=source)
         _stamp(out / EXPERT_META, cache_key=key)
     timings["train experts"] = time.time() - t
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from phatgoose.errors import DataError
+from phatgoose.paths import cache_dir
 
 BIGBENCH_VERSION = "1.0.0"
 SDIST_NAME = f"bigbench-{BIGBENCH_VERSION}.tar.gz"
@@ -34,7 +35,7 @@ _MEMBER = re.compile(r"^[^/]+/bigbench/benchmark_tasks/(.+)$")
 
 def default_cache_dir() -> Path:
     """``$PHATGOOSE_CACHE`` if set, else ``~/.cache/phatgoose``."""
-    return Path(os.environ.get("PHATGOOSE_CACHE") or "~/.cache/phatgoose").expanduser()
+    return cache_dir()
 
 
 def _tasks_dir(cache_dir: Path | None) -> Path:

@@ -77,9 +77,11 @@ def train_expert(
     out: Path | str,
     config: ExpertConfig | None = None,
     log_path: Path | str | None = None,
+    source: str | None = None,
 ) -> Path:
     """Train a LoRA expert on a frozen base model and save it as a PEFT adapter directory
-    plus ``expert.json``. The base model is left unchanged."""
+    plus ``expert.json``. The base model is left unchanged. ``source`` (where the task was
+    loaded from) is recorded so that ``train-gate`` can find the same data."""
     config = config or ExpertConfig()
     out = Path(out)
     model = base.model
@@ -107,6 +109,7 @@ def train_expert(
         )
         metadata = {
             "task": task,
+            "task_source": source or task,
             "base_model": base.name,
             "base_fingerprint": base.fingerprint,
             "kind": "lora",

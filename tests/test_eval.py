@@ -1,0 +1,76 @@
+"""Rank classification and generation against independent computations."""
+
+import json
+
+import torch
+from conftest import toy_examples
+
+from phatgoose.data.tasks import Example
+from phatgoose.eval import EvalConfig, choice_nll, evaluate, markdown_table, summary
+from phatgoose.eval.evaluate import write_predictions
+
+
+def reference_nll(base, prompt: str, choice: str) -> float:
+    """Mean NLL of the choice tokens, one unpadded forward on the whole text."""
+    tok = base.tokenizer
+    p = tok(prompt).input_ids
+    c = tok(" " + choice, add_special_tokens=False).input_ids
+    if base.is_seq2seq:
+        logits = base.model(input_ids=torch.tensor([p]), labels=torch.tensor([c])).logits[0]
+        logp = logits.log_softmax(-1)
+        return -sum(logp[i, t].item() for i, t in enumerate(c)) / len(c)
+    ids = torch.tensor([p + c])
+    logp = base.model(input_ids=ids).logits[0].log_softmax(-1)
+    return -sum(logp[len(p) + i - 1, t].item() for i, t in enumerate(c)) / len(c)
+
+
+def test_choice_scores_match_unbatched_reference(base):
+    examples = [
+        Example("Is 3 odd?", ("yes",), ("yes", "no", "maybe so")),
+        Example("Convert 3 meters to centimeters, quickly and exactly.", ("300 cm",),
+                ("300 cm", "3 cm")),
+    ]
+    scores = choice_nll(base, examples, EvalConfig(batch_size=3))  # batches cut across examples
+    for e, row in zip(examples, scores):
+        expected = [reference_nll(base, e.prompt, c) for c in e.choices]
+        assert row == __import__("pytest").approx(expected, abs=1e-4)
+
+
+def test_rank_classification_accuracy_and_predictions(llama, tmp_path):
+    examples = toy_examples(6)
+    results = evaluate(llama, {"toy": examples}, EvalConfig(batch_size=4))
+    r = results["toy"]
+    scores = choice_nll(llama, examples, EvalConfig())
+    predicted = [e.choices[min(range(2), key=s.__getitem__)] for e, s in zip(examples, scores)]
+    expected = sum(p in e.targets for p, e in zip(predicted, examples)) / len(examples)
+    assert r.kind == "multiple_choice" and r.n == 6 and r.accuracy == expected
+    assert [p["prediction"] for p in r.predictions] == predicted
+    write_predictions(tmp_path / "p.jsonl", results)
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and rows[0]["task"] == "toy" and "nll" in rows[0]
+
+
+def test_generation_exact_match(base):
+    prompt = Example("Say something", ("x",))
+    tok = base.tokenizer
+    ids = tok([prompt.prompt], return_tensors="pt")
+    out = base.model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    if not base.is_seq2seq:
+        out = out[:, ids.input_ids.shape[1]:]
+    greedy = tok.decode(out[0], skip_special_tokens=True).strip().split("\n")[0].strip()
+    hit = Example("Say something", (greedy.upper() + "  ",))  # case and spacing are normalised
+    miss = Example("Say something", (greedy + " nope",))
+    results = evaluate(base, {"gen": [hit, miss]}, EvalConfig(max_new_tokens=4, batch_size=2))
+    assert results["gen"].kind == "generation"
+    assert [p["correct"] for p in results["gen"].predictions] == [True, False]
+    assert results["gen"].predictions[0]["prediction"] == greedy
+    assert greedy or base.is_seq2seq  # the tiny Llama says something; the tiny T5 may not
+
+
+def test_summary_and_markdown_table(llama):
+    rows = {"base": summary(evaluate(llama, {"a": toy_examples(4), "b": toy_examples(2, 1)}))}
+    assert rows["base"]["average"] == (rows["base"]["tasks"]["a"]["accuracy"]
+                                       + rows["base"]["tasks"]["b"]["accuracy"]) / 2
+    table = markdown_table(rows).splitlines()
+    assert table[0] == "| method | a | b | average |"
+    assert table[2].startswith("| base | ") and len(table) == 3
