@@ -6,6 +6,7 @@ truncated from the left (the end, with "Answer:", is kept), continuations from t
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -56,14 +57,21 @@ def token_nll(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], seq2seq: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token negative log-likelihood of the labels and the mask of scored tokens, both
-    (batch, label positions). For causal models the logits at t predict token t+1."""
+    (batch, scored positions). For causal models the logits at t predict token t+1, and only
+    the positions that predict a label are run through the output head (``logits_to_keep``),
+    which saves the vocabulary projection and softmax everywhere else."""
     labels = batch["labels"]
     if seq2seq:
         logits = model(**batch).logits
     else:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs).logits[:, :-1]
         labels = labels[:, 1:]
+        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+            keep = (labels != IGNORE).any(0).nonzero().flatten()
+            logits = model(**inputs, logits_to_keep=keep).logits
+            labels = labels[:, keep]
+        else:
+            logits = model(**inputs).logits[:, :-1]
     logp = torch.log_softmax(logits.float(), dim=-1)
     picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     mask = labels != IGNORE

@@ -102,8 +102,8 @@ def train_expert(
         p.requires_grad_(True)
     logger = MetricLogger(log_path)
     try:
-        result = train(
-            peft_model, params, encode_examples(base, train_examples, config),
+        result = train(  # LoRA layers are injected in place: train through the HF model
+            model, params, encode_examples(base, train_examples, config),
             encode_examples(base, val_examples, config), base.tokenizer.pad_token_id,
             base.is_seq2seq, config, logger, desc=f"expert {task}",
         )
