@@ -89,7 +89,7 @@ def cmd_train_expert(args) -> None:
     base = _load_base(args)
     out = train_expert(base, task.name, splits.train, splits.validation, args.out,
                        dataclass_from_args(ExpertConfig, args), log_path=args.log,
-                       source=args.task)
+                       source=args.task, tensorboard_dir=args.tensorboard)
     print(f"expert saved to {out}")
 
 
@@ -101,7 +101,8 @@ def cmd_train_gate(args) -> None:
     _, splits = _splits(args, args.task or meta.get("task_source") or meta["task"])
     base = _load_base(args)
     path = train_gate(base, args.expert, splits.train, splits.validation,
-                      dataclass_from_args(GateConfig, args), log_path=args.log)
+                      dataclass_from_args(GateConfig, args), log_path=args.log,
+                      tensorboard_dir=args.tensorboard)
     print(f"gate saved to {path}")
 
 
@@ -230,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BIG-bench name, task.json/.jsonl path, or hf:NAME")
     p.add_argument("--out", required=True, help="expert directory to write")
     p.add_argument("--log", help="JSONL file for loss and validation metrics")
+    p.add_argument("--tensorboard", help="TensorBoard log folder (when tensorboard is installed)")
     add_dataclass_args(p, SplitConfig, "data splits", prefix="split_")
     add_dataclass_args(p, ExpertConfig, "expert training")
 
@@ -239,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("expert", help="expert directory (from train-expert)")
     p.add_argument("--task", help="training task (default: the expert's own task)")
     p.add_argument("--log", help="JSONL file for loss and validation metrics")
+    p.add_argument("--tensorboard", help="TensorBoard log folder (when tensorboard is installed)")
     add_dataclass_args(p, SplitConfig, "data splits", prefix="split_")
     add_dataclass_args(p, GateConfig, "gate training")
 

@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model
 
 from phatgoose.data.encode import Encoded, encode
 from phatgoose.data.tasks import Example
-from phatgoose.errors import LibraryError
+from phatgoose.errors import LibraryError, PhatgooseError
 from phatgoose.experts.loop import TrainConfig, raise_if_diverged, train
 from phatgoose.library.expert import (
     EXPERT_META,
@@ -38,7 +38,11 @@ class ExpertConfig(TrainConfig):
     rank: int = 16
     alpha: float = 1.0  # PEFT's lora_alpha: scaling = alpha / rank
     targets: str | list[str] = "all-linear"  # or module-name suffixes, e.g. [q_proj, v_proj]
-    init_a_std: float | None = 0.01  # None keeps PEFT's default (Kaiming-uniform) init of A
+    init: str = "reference"  # "reference": A ~ N(0, 0.01^2); "peft": PEFT's Kaiming-uniform A
+
+    def __post_init__(self) -> None:
+        if self.init not in ("reference", "peft"):
+            raise PhatgooseError(f"init must be 'reference' or 'peft', not {self.init!r}")
 
 
 @dataclass
@@ -78,6 +82,7 @@ def train_expert(
     config: ExpertConfig | None = None,
     log_path: Path | str | None = None,
     source: str | None = None,
+    tensorboard_dir: Path | str | None = None,
 ) -> Path:
     """Train a LoRA expert on a frozen base model and save it as a PEFT adapter directory
     plus ``expert.json``. The base model is left unchanged. ``source`` (where the task was
@@ -93,14 +98,14 @@ def train_expert(
     torch.manual_seed(config.seed)
     peft_model = get_peft_model(model, lora_config)
     params = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
-    if config.init_a_std is not None:
+    if config.init == "reference":
         with torch.no_grad():
             for name, p in params.items():
                 if "lora_A" in name:
-                    p.normal_(0.0, config.init_a_std)
+                    p.normal_(0.0, 0.01)
     for p in params.values():
         p.requires_grad_(True)
-    logger = MetricLogger(log_path)
+    logger = MetricLogger(log_path, tensorboard_dir)
     try:
         result = train(  # LoRA layers are injected in place: train through the HF model
             model, params, encode_examples(base, train_examples, config),
@@ -144,6 +149,7 @@ def train_gate(
     val_examples: list[Example],
     config: GateConfig | None = None,
     log_path: Path | str | None = None,
+    tensorboard_dir: Path | str | None = None,
 ) -> Path:
     """Train the expert's gate: y = W x + sigmoid(v . x) * s B A x at every adapted module,
     v initialised to zeros; only the v's train (base and LoRA frozen). Saves
@@ -165,7 +171,7 @@ def train_gate(
         gates[module] = SigmoidGate(weights.A.shape[1]).to(layer.weight.device)
         _set_module(model, module, RoutedLinear(layer, [weights], gates[module]))
     params = {m: g.vectors for m, g in gates.items()}
-    logger = MetricLogger(log_path)
+    logger = MetricLogger(log_path, tensorboard_dir)
     try:
         result = train(
             model, params, encode_examples(base, train_examples, config),
