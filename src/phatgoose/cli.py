@@ -155,9 +155,10 @@ def cmd_eval(args) -> None:
     base = _load_base(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = evaluate_methods(base, library, sets, args.method, args.top_k,
+    rows = evaluate_methods(base, library, sets, args.method,
                             dataclass_from_args(EvalConfig, args),
-                            out if args.predictions else None)
+                            out if args.predictions else None,
+                            top_k=args.top_k, temperature=args.temperature)
     from phatgoose.eval import markdown_table
 
     table = markdown_table(rows)
@@ -275,8 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--library", help="expert library directory (for routing methods)")
     p.add_argument("--task", nargs="+", required=True, help="tasks to evaluate")
     p.add_argument("--method", nargs="+", default=["base", "phatgoose"],
-                   help="base, phatgoose, uniform, single:<expert> (default: base phatgoose)")
+                   help="base, phatgoose, arrow, uniform, merged-delta, merged-factors, "
+                   "single:<expert> (default: base phatgoose)")
     p.add_argument("--top-k", type=int, default=2, help="experts per token (default: 2)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="Arrow's softmax temperature (default: 1.0)")
     p.add_argument("--split", choices=["train", "validation", "test"], default="test")
     p.add_argument("--out", default="runs/eval", help="folder for results.json / results.md")
     p.add_argument("--predictions", action="store_true",

@@ -63,7 +63,8 @@ class PipelineConfig:
     experts: list[str] = field(default_factory=list)  # held-in tasks, one expert each
     eval_tasks: list[str] = field(default_factory=list)  # held-out tasks
     methods: list[str] = field(default_factory=lambda: ["base", "phatgoose"])
-    top_k: int = 2
+    top_k: int = 2  # experts per token (phatgoose, arrow)
+    temperature: float = 1.0  # Arrow's softmax temperature
     split: SplitConfig = field(default_factory=SplitConfig)
     expert: ExpertConfig = field(default_factory=ExpertConfig)
     gate: GateConfig = field(default_factory=GateConfig)
@@ -150,8 +151,8 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
     library = ExpertLibrary(library_dir)
 
     eval_sets = {s: splits[s].test for s in (config.eval_tasks or config.experts)}
-    rows = evaluate_methods(base, library, eval_sets, config.methods, config.top_k, config.eval,
-                            work, timings)
+    rows = evaluate_methods(base, library, eval_sets, config.methods, config.eval, work, timings,
+                            top_k=config.top_k, temperature=config.temperature)
     table = markdown_table(rows)
     result = {"summaries": rows, "timings_s": {k: round(v, 1) for k, v in timings.items()},
               "table": table}
@@ -162,17 +163,18 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
 
 def evaluate_methods(
     base: BaseModel, library: ExpertLibrary | None, eval_sets: dict[str, list[Example]],
-    methods: list[str], top_k: int, config: EvalConfig, out: Path | None,
-    timings: dict[str, float] | None = None,
+    methods: list[str], config: EvalConfig, out: Path | None,
+    timings: dict[str, float] | None = None, **route_options: Any,
 ) -> dict[str, dict]:
-    """Evaluate each method ("base", or a routing method over the library) on the same sets."""
+    """Evaluate each method ("base", or a routing method over the library, routed with
+    ``route_options`` such as top_k) on the same sets."""
     rows = {}
     for method in methods:
         t = time.time()
         if method != "base":
             if library is None:
                 raise PhatgooseError(f"method {method!r} needs a library (--library)")
-            route(base.model, library, method=method, top_k=top_k)
+            route(base.model, library, method=method, **route_options)
         try:
             results = evaluate(base, eval_sets, config, desc=f"eval {method}")
         finally:

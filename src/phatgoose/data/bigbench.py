@@ -77,15 +77,27 @@ def fetch_bigbench(
     return {name: tasks_dir / name for name in names}
 
 
+_OLD_PIP = "pip>=23,<26.3"
+
+
 def _download(folder: Path) -> Path:
     """The cached sdist, downloaded with ``pip download`` if absent."""
     archive = folder / SDIST_NAME
     if archive.is_file():
         return archive
     folder.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", f"bigbench=={BIGBENCH_VERSION}"]
-    cmd += ["-d", str(folder)]
-    if subprocess.run(cmd).returncode != 0 or not archive.is_file():
+    args = ["download", "--no-deps", f"bigbench=={BIGBENCH_VERSION}", "-d", str(folder)]
+    cmd = [sys.executable, "-m", "pip", *args]
+    if subprocess.run(cmd).returncode != 0 and not archive.is_file():
+        # pip >= 26.3 refuses this sdist while preparing its metadata (bigbench declares a
+        # file:// dependency); an older pip, run from its own wheel, still downloads it.
+        with tempfile.TemporaryDirectory() as tmp:
+            old = [sys.executable, "-m", "pip", "download", "--no-deps", _OLD_PIP, "-d", tmp]
+            wheels = list(Path(tmp).glob("pip-*.whl")) if subprocess.run(old).returncode == 0 \
+                else []
+            if wheels:
+                subprocess.run([sys.executable, str(wheels[0] / "pip"), *args])
+    if not archive.is_file():
         raise DataError(
             f"could not download {SDIST_NAME}; run `{shlex.join(cmd)}` by hand, then retry "
             "(or pass the sdist's path)"

@@ -1,17 +1,21 @@
 """Routing: routers (selectors), the routed module (container), and attaching a library."""
 
+from phatgoose.library.expert import LoraWeights
 from phatgoose.routing.attach import METHODS, ROUTERS, route, routed_modules, unroute
-from phatgoose.routing.container import LoraWeights, RoutedLinear
+from phatgoose.routing.container import RoutedLinear
 from phatgoose.routing.routers import (
+    ArrowRouter,
     FixedWeights,
     PhatgooseRouter,
     SigmoidGate,
     standardise,
     top_k_softmax,
+    top_right_singular_vector,
 )
 
 __all__ = [
     "METHODS",
+    "ArrowRouter",
     "ROUTERS",
     "FixedWeights",
     "LoraWeights",
@@ -22,5 +26,6 @@ __all__ = [
     "routed_modules",
     "standardise",
     "top_k_softmax",
+    "top_right_singular_vector",
     "unroute",
 ]

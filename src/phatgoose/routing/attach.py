@@ -8,26 +8,60 @@ import torch
 from torch import nn
 
 from phatgoose.errors import ModelError
+from phatgoose.library.expert import LoraWeights
 from phatgoose.library.library import ExpertLibrary
 from phatgoose.models import fingerprint, linear_dims
-from phatgoose.routing.container import LoraWeights, RoutedLinear
-from phatgoose.routing.routers import FixedWeights, PhatgooseRouter
+from phatgoose.routing.container import RoutedLinear
+from phatgoose.routing.routers import (
+    ArrowRouter,
+    FixedWeights,
+    PhatgooseRouter,
+    top_right_singular_vector,
+)
 
-# A router factory builds the router of one module from the library, the module name and the
-# experts' names. New routing methods register here.
-RouterFactory = Callable[[ExpertLibrary, str, list[str], dict], nn.Module]
+# A router factory builds one module's router, and the LoRA experts it mixes, from the library,
+# the module name, the experts' names and their LoRA weights at that module. ``state`` carries
+# the method's settings (top_k, ...) and anything worth loading once for all modules.
+Routed = tuple[nn.Module, list[LoraWeights]]
+RouterFactory = Callable[[ExpertLibrary, str, list[str], list[LoraWeights], dict], Routed]
 
 
-def _phatgoose(library: ExpertLibrary, module: str, names: list[str], state: dict) -> nn.Module:
+def _phatgoose(library, module, names, experts, state) -> Routed:
+    """Top-k over the experts' trained gates."""
     gates = state.setdefault("gates", {n: library.gates(n) for n in names})
-    return PhatgooseRouter(torch.stack([gates[n][module] for n in names]), top_k=state["top_k"])
+    vectors = torch.stack([gates[n][module] for n in names])
+    return PhatgooseRouter(vectors, top_k=state["top_k"]), experts
 
 
-def _uniform(library: ExpertLibrary, module: str, names: list[str], state: dict) -> nn.Module:
-    return FixedWeights(torch.full((len(names),), 1.0 / len(names)))
+def _uniform(library, module, names, experts, state) -> Routed:
+    """Every expert's output at weight 1/E. Since LoRA outputs are linear in x, this is also
+    the exact merge of the experts' deltas, mean_i s_i B_i A_i (a concatenated LoRA of rank E r)."""
+    return FixedWeights(torch.full((len(names),), 1.0 / len(names))), experts
 
 
-ROUTERS: dict[str, RouterFactory] = {"phatgoose": _phatgoose, "uniform": _uniform}
+def _merged_factors(library, module, names, experts, state) -> Routed:
+    """The reference's shipped merge: one LoRA of the averaged factors, (mean s_i B_i)(mean A_i),
+    which is not the mean of the deltas."""
+    if len({e.A.shape for e in experts}) != 1:
+        raise ModelError("merged-factors needs experts of one rank: their factors are averaged")
+    A = torch.stack([e.A.float() for e in experts]).mean(0)
+    B = torch.stack([e.B.float() * e.scaling for e in experts]).mean(0)
+    return FixedWeights(torch.ones(1)), [LoraWeights(A, B, 1.0)]
+
+
+def _arrow(library, module, names, experts, state) -> Routed:
+    """Arrow: prototypes are the top right singular vectors of each expert's B A."""
+    prototypes = torch.stack([top_right_singular_vector(e.A, e.B) for e in experts])
+    return ArrowRouter(prototypes, state["top_k"], state.get("temperature", 1.0)), experts
+
+
+ROUTERS: dict[str, RouterFactory] = {
+    "phatgoose": _phatgoose,
+    "uniform": _uniform,
+    "merged-delta": _uniform,
+    "merged-factors": _merged_factors,
+    "arrow": _arrow,
+}
 METHODS = sorted(ROUTERS) + ["single:<expert>"]
 
 
@@ -43,12 +77,15 @@ def route(
     top_k: int = 2,
     experts: list[str] | None = None,
     check_fingerprint: bool = True,
+    temperature: float = 1.0,
 ) -> nn.Module:
     """Replace, in place, every module the library's experts adapt by a routed module.
 
-    ``method`` is "phatgoose" (top-k over the gates), "uniform" (every expert at 1/E) or
-    "single:<expert>" (one expert alone). Returns the model, which keeps working with
-    ``model(...)`` and ``model.generate(...)``."""
+    ``method``: "phatgoose" (top-k over the gates), "arrow" (top-k over SVD prototypes, softmax
+    temperature ``temperature``), "uniform" = "merged-delta" (every expert at 1/E, the exact mean
+    of the deltas), "merged-factors" (one LoRA of averaged factors), or "single:<expert>" (one
+    expert alone). Returns the model, which keeps working with ``model(...)`` and
+    ``model.generate(...)``."""
     if any(isinstance(m, RoutedLinear) for m in model.modules()):
         raise ModelError("this model is already routed: call phatgoose.unroute(model) first")
     if method.startswith("single:"):
@@ -72,11 +109,12 @@ def route(
         if sorted(loras[n]) != modules:
             raise ModelError(f"experts {names[0]!r} and {n!r} adapt different modules")
     _check_fit(model, loras[names[0]])
-    state = {"top_k": top_k}
+    state = {"top_k": top_k, "temperature": temperature}
     for module in modules:
         base = model.get_submodule(module)
-        router = ROUTERS[method](library, module, names, state)
-        weights = [loras[n][module] for n in names]
+        router, weights = ROUTERS[method](
+            library, module, names, [loras[n][module] for n in names], state
+        )
         _set_module(model, module, RoutedLinear(base, weights, router).to(base.weight.device))
     return model
 

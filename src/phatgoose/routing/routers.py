@@ -69,3 +69,27 @@ class FixedWeights(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.weights.expand(*x.shape[:-1], -1)
+
+
+class ArrowRouter(nn.Module):
+    """Arrow (Ostapenko et al., 2024): score |x . p_i| with p_i the top right singular vector of
+    expert i's B_i A_i; softmax over the top k of score / temperature. Training-free."""
+
+    def __init__(self, prototypes: Tensor, top_k: int = 2, temperature: float = 1.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"Arrow temperature must be positive, got {temperature}")
+        self.top_k, self.temperature = top_k, temperature
+        self.register_buffer("prototypes", prototypes.float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        scores = (x.float() @ self.prototypes.T).abs()
+        return top_k_softmax(scores / self.temperature, self.top_k)
+
+
+def top_right_singular_vector(A: Tensor, B: Tensor) -> Tensor:
+    """The top right singular vector of B A (d_out x d_in) without forming it: with B = Q R,
+    B A = Q (R A) and Q has orthonormal columns, so B A and the small R A (r x d_in) share their
+    right singular vectors. Unique up to sign."""
+    _, R = torch.linalg.qr(B.float())
+    return torch.linalg.svd(R @ A.float(), full_matrices=False).Vh[0]
