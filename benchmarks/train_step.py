@@ -33,7 +33,8 @@ def main() -> None:
 
     base = load_base_model()
     model = base.model
-    get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=resolve_target_modules(model)))
+    targets = resolve_target_modules(model)
+    get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
     examples = load_task(args.task).examples[: args.batch]
     batch = collate([encode(base.tokenizer, e.prompt, e.continuation, False) for e in examples],
                     base.tokenizer.pad_token_id, False)

@@ -74,3 +74,25 @@ def test_summary_and_markdown_table(llama):
     table = markdown_table(rows).splitlines()
     assert table[0] == "| method | a | b | average |"
     assert table[2].startswith("| base | ") and len(table) == 3
+
+
+def test_shared_prompt_scores_equal_full_forward_scores(llama, tmp_path):
+    """The KV-cache path scores every choice as one full forward per choice does, routed too."""
+    from conftest import random_expert
+
+    from phatgoose.library import ExpertLibrary
+    from phatgoose.routing import route
+
+    examples = [
+        Example("Is 3 odd?", ("yes",), ("yes", "no", "maybe so, or not at all")),
+        Example("Pick a color.", ("red",), ("red", "blue green")),
+        Example("One choice", ("a b c",), ("a b c",)),
+    ]
+    dirs = [random_expert(llama, tmp_path / f"e{i}", seed=i) for i in range(3)]
+    for routed in (False, True):
+        if routed:
+            route(llama.model, ExpertLibrary.build(tmp_path / "lib", dirs), top_k=2)
+        shared = choice_nll(llama, examples, EvalConfig(share_prompt=True))
+        full = choice_nll(llama, examples, EvalConfig(share_prompt=False, batch_size=2))
+        for s, f in zip(shared, full):
+            assert s == __import__("pytest").approx(f, abs=1e-4)
