@@ -104,3 +104,16 @@ def test_gpt2_conv1d_modules_are_routed(tokenizer, tmp_path):
     route(gpt2.model, lib, method="single:e")
     assert len([m for m in gpt2.model.modules() if isinstance(m, RoutedLinear)]) == 2 * 4
     torch.testing.assert_close(gpt2.model(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_bad_expert_leaves_no_library_behind(llama, tmp_path):
+    good = random_expert(llama, tmp_path / "good", seed=0)
+    bad = random_expert(llama, tmp_path / "bad", seed=1)
+    (bad / "gates.safetensors").unlink()
+    with pytest.raises(LibraryError, match="train the gate first"):
+        ExpertLibrary.build(tmp_path / "lib", [good, bad])
+    assert not (tmp_path / "lib").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    ExpertLibrary.build(tmp_path / "lib", [good])
+    with pytest.raises(LibraryError, match="exists and is not empty"):
+        ExpertLibrary.build(tmp_path / "lib", [good])

@@ -142,12 +142,9 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
     library_dir = work / "library"
     lib_key = config_key([read_json(d / EXPERT_META).get("gate_cache_key") for d in expert_dirs])
     if not _cached(library_dir / MANIFEST, "cache_key", lib_key):
-        tmp = work / ".library.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        ExpertLibrary.build(tmp, expert_dirs)
-        _stamp(tmp / MANIFEST, cache_key=lib_key)
         shutil.rmtree(library_dir, ignore_errors=True)
-        tmp.rename(library_dir)
+        ExpertLibrary.build(library_dir, expert_dirs)
+        _stamp(library_dir / MANIFEST, cache_key=lib_key)
     library = ExpertLibrary(library_dir)
 
     eval_sets = {s: splits[s].test for s in (config.eval_tasks or config.experts)}

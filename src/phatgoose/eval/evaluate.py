@@ -133,7 +133,9 @@ def generate(base: BaseModel, examples: list[Example], config: EvalConfig) -> li
     """Greedy answers (first generated line) with the KV cache."""
     tokenizer, model = base.tokenizer, base.model
     device = next(model.parameters()).device
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    # pad and truncate on the left: prompts end where the answer starts
+    sides = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side = tokenizer.truncation_side = "left"
     answers: list[str] = []
     try:
         for i in tqdm(range(0, len(examples), config.batch_size), desc="generating",
@@ -149,7 +151,7 @@ def generate(base: BaseModel, examples: list[Example], config: EvalConfig) -> li
             for text in tokenizer.batch_decode(out, skip_special_tokens=True):
                 answers.append(text.strip().split("\n")[0].strip())
     finally:
-        tokenizer.padding_side = side
+        tokenizer.padding_side, tokenizer.truncation_side = sides
     return answers
 
 

@@ -73,14 +73,26 @@ class ExpertLibrary:
 
     @classmethod
     def build(cls, root: Path | str, expert_dirs: list[Path]) -> ExpertLibrary:
-        """Create a library from trained expert directories (each with its gate)."""
+        """Create a library from trained expert directories (each with its gate). Built in a
+        temporary folder and renamed at the end: a bad expert leaves no library behind."""
+        root = Path(root)
         if not expert_dirs:
             raise LibraryError("no experts given: pass the directories of trained experts")
+        if root.exists() and any(root.iterdir()):
+            raise LibraryError(f"{root} exists and is not empty: choose a new library folder")
         meta = load_metadata(Path(expert_dirs[0]))
-        library = cls.create(root, meta["base_model"], meta["base_fingerprint"])
-        for expert_dir in expert_dirs:
-            library.add(expert_dir)
-        return library
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp-"))
+        try:
+            library = cls.create(tmp, meta["base_model"], meta["base_fingerprint"])
+            for expert_dir in expert_dirs:
+                library.add(expert_dir)
+            if root.exists():
+                root.rmdir()
+            tmp.rename(root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return cls(root)
 
     def add(self, expert_dir: Path | str, name: str | None = None) -> str:
         """Copy a trained expert (adapter + gate + metadata) into the library."""

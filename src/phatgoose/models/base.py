@@ -86,13 +86,11 @@ def load_base_model(name: str = EMBEDDED_MODEL, dtype: torch.dtype = torch.float
     """Load a causal or seq2seq LM from a local path, a hub id (local cache only) or the
     embedded default. Never touches the network."""
     path = str(embedded_model_dir()) if name == EMBEDDED_MODEL else name
-    if name != EMBEDDED_MODEL and not Path(name).exists():
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        config = AutoConfig.from_pretrained(path)
+    try:  # local_files_only: a hub id resolves in the local cache, never over the network
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        model = auto.from_pretrained(path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = auto.from_pretrained(path, dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
         raise ModelError(
             f"cannot load base model {name!r}: {str(err).splitlines()[0]} "
