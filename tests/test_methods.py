@@ -101,3 +101,25 @@ def test_single_expert_and_unknown_method(base, library):
         route(base.model, library, method="nope")
     with pytest.raises(Exception, match="no expert 'e9'"):
         route(base.model, library, method="single:e9")
+
+
+def test_oracle_is_the_best_single_expert_per_task(llama, tmp_path):
+    from conftest import toy_examples
+
+    from phatgoose.eval import EvalConfig
+    from phatgoose.pipeline import ORACLE, evaluate_methods
+
+    dirs = [random_expert(llama, tmp_path / f"e{i}", seed=i) for i in range(3)]
+    library = ExpertLibrary.build(tmp_path / "lib", dirs)
+    sets = {"a": toy_examples(8), "b": toy_examples(6, seed=3)}
+    rows = evaluate_methods(llama, library, sets, ["base", "single:e0", "oracle"], EvalConfig(),
+                            None)
+    assert list(rows) == ["base", "single:e0", ORACLE]
+    singles = evaluate_methods(llama, library, sets, [f"single:e{i}" for i in range(3)],
+                               EvalConfig(), None)
+    for task in sets:
+        best = max(s["tasks"][task]["accuracy"] for s in singles.values())
+        assert rows[ORACLE]["tasks"][task]["accuracy"] == best
+        expert = rows[ORACLE]["tasks"][task]["expert"]
+        assert singles[f"single:{expert}"]["tasks"][task]["accuracy"] == best
+    assert rows["single:e0"] == singles["single:e0"]

@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", nargs="+", required=True, help="tasks to evaluate")
     p.add_argument("--method", nargs="+", default=["base", "phatgoose"],
                    help="base, phatgoose, arrow, uniform, merged-delta, merged-factors, "
-                   "single:<expert> (default: base phatgoose)")
+                   "single:<expert>, oracle (default: base phatgoose)")
     p.add_argument("--top-k", type=int, default=2, help="experts per token (default: 2)")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="Arrow's softmax temperature (default: 1.0)")

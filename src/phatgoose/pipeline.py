@@ -164,7 +164,22 @@ def evaluate_methods(
     timings: dict[str, float] | None = None, **route_options: Any,
 ) -> dict[str, dict]:
     """Evaluate each method ("base", or a routing method over the library, routed with
-    ``route_options`` such as top_k) on the same sets."""
+    ``route_options`` such as top_k) on the same sets.
+
+    "oracle" evaluates every single expert and keeps, per task, the best one: an upper bound
+    for choosing one expert per task, which peeks at the test labels (its row says so)."""
+    if "oracle" in methods:
+        if library is None:
+            raise PhatgooseError("method 'oracle' needs a library (--library)")
+        singles = [f"single:{n}" for n in library.names if f"single:{n}" not in methods]
+        rows = evaluate_methods(base, library, eval_sets,
+                                [m for m in methods if m != "oracle"] + singles, config, out,
+                                timings, **route_options)
+        rows[ORACLE] = oracle_summary({m: rows[m] for m in rows if m.startswith("single:")})
+        for m in singles:  # computed for the oracle, not asked for
+            rows.pop(m)
+        return {m if m != "oracle" else ORACLE: rows[m if m != "oracle" else ORACLE]
+                for m in methods}
     rows = {}
     for method in methods:
         t = time.time()
@@ -182,6 +197,19 @@ def evaluate_methods(
         if timings is not None:
             timings[f"eval {method}"] = time.time() - t
     return rows
+
+
+ORACLE = "oracle (best single expert per task; peeks at test labels)"
+
+
+def oracle_summary(singles: dict[str, dict]) -> dict:
+    """Per task, the best single expert's accuracy (and which expert it was)."""
+    tasks = {}
+    for task in next(iter(singles.values()))["tasks"]:
+        method, best = max(((m, s["tasks"][task]) for m, s in singles.items()),
+                           key=lambda pair: pair[1]["accuracy"])
+        tasks[task] = {**best, "expert": method.removeprefix("single:")}
+    return {"tasks": tasks, "average": sum(t["accuracy"] for t in tasks.values()) / len(tasks)}
 
 
 def _cached(path: Path, field_name: str, key: str) -> bool:
