@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from phatgoose.errors import ModelError
-from phatgoose.library.expert import LoraWeights
+from phatgoose.library.expert import LoraWeights, read_safetensors
 from phatgoose.library.library import ExpertLibrary
 from phatgoose.models import fingerprint, linear_dims
 from phatgoose.routing.container import RoutedLinear
@@ -30,6 +30,24 @@ def _phatgoose(library, module, names, experts, state) -> Routed:
     """Top-k over the experts' trained gates."""
     gates = state.setdefault("gates", {n: library.gates(n) for n in names})
     vectors = torch.stack([gates[n][module] for n in names])
+    return PhatgooseRouter(vectors, top_k=state["top_k"]), experts
+
+
+AVERAGE_ACTIVATION = "average_activation.safetensors"
+
+
+def _average_activation(library, module, names, experts, state) -> Routed:
+    """Top-k, as PHATGOOSE, over each expert's mean module input (see routing.vectors)."""
+    if "averages" not in state:
+        missing = [n for n in names if not (library.expert_dir(n) / AVERAGE_ACTIVATION).exists()]
+        if missing:
+            raise ModelError(
+                f"expert {missing[0]!r} has no average activations: compute them first with "
+                f"`phatgoose library vectors {library.root}`"
+            )
+        state["averages"] = {n: read_safetensors(library.expert_dir(n) / AVERAGE_ACTIVATION)
+                             for n in names}
+    vectors = torch.stack([state["averages"][n][module] for n in names])
     return PhatgooseRouter(vectors, top_k=state["top_k"]), experts
 
 
@@ -57,6 +75,7 @@ def _arrow(library, module, names, experts, state) -> Routed:
 
 ROUTERS: dict[str, RouterFactory] = {
     "phatgoose": _phatgoose,
+    "average-activation": _average_activation,
     "uniform": _uniform,
     "merged-delta": _uniform,
     "merged-factors": _merged_factors,
