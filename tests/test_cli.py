@@ -13,7 +13,7 @@ from phatgoose.models.base import wrap_model
 COMMANDS = [
     ["data"], ["data", "bigbench"], ["train-expert"], ["train-gate"], ["library"],
     ["library", "build"], ["library", "add"], ["library", "list"], ["library", "show"],
-    ["library", "verify"], ["eval"], ["pipeline"],
+    ["library", "verify"], ["library", "vectors"], ["eval"], ["pipeline"],
 ]
 
 
@@ -70,13 +70,20 @@ def test_train_expert_gate_library_eval_from_the_command_line(model_dir, task_fi
     assert "| toy | toy |" in out
     code, out, err = run(["library", "verify", tmp_path / "lib", "--model", model_dir], capsys)
     assert code == 0 and "is sound" in out, err
+    code, out, err = run(["library", "vectors", tmp_path / "lib", "--model", model_dir,
+                          "--max-examples", 10], capsys)
+    assert code == 0 and "computed for 1 expert(s), 0 reused" in out, err
+    assert (tmp_path / "lib" / "experts" / "toy" / "average_activation.safetensors").exists()
     code, out, err = run(["eval", "--model", model_dir, "--library", tmp_path / "lib", "--task",
-                          task_file, "--method", "base", "phatgoose", "single:toy", "--out",
-                          tmp_path / "eval", "--predictions"], capsys)
+                          task_file, "--method", "base", "phatgoose", "single:toy",
+                          "average-activation", "--out", tmp_path / "eval", "--predictions"],
+                         capsys)
     assert code == 0, err
     assert out.splitlines()[0] == "| method | toy | average |"
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert set(results) == {"base", "phatgoose", "single:toy"}
+    assert set(results) == {"base", "phatgoose", "single:toy", "average-activation"}
+    # with one expert, every routing method is that expert alone
+    assert results["phatgoose"] == results["single:toy"] == results["average-activation"]
     assert results["base"]["tasks"]["toy"]["n"] == 6  # 20% of 30 examples
     assert (tmp_path / "eval" / "predictions-single_toy.jsonl").exists()
 

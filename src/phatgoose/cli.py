@@ -8,7 +8,7 @@ import json
 import sys
 import types
 import typing
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -84,12 +84,14 @@ def cmd_data_bigbench(args) -> None:
 
 def cmd_train_expert(args) -> None:
     from phatgoose.experts import ExpertConfig, train_expert
+    from phatgoose.pipeline import SplitConfig
 
     task, splits = _splits(args, args.task)  # bad data fails before the model loads
     base = _load_base(args)
     out = train_expert(base, task.name, splits.train, splits.validation, args.out,
                        dataclass_from_args(ExpertConfig, args), log_path=args.log,
-                       source=args.task, tensorboard_dir=args.tensorboard)
+                       source=args.task, tensorboard_dir=args.tensorboard,
+                       split=asdict(dataclass_from_args(SplitConfig, args, "split_")))
     print(f"expert saved to {out}")
 
 
@@ -125,6 +127,20 @@ def cmd_library(args) -> None:
             print(f"| {e['name']} | {e['task']} | {e['modules']} | {e['rank']} | {loss} |")
     elif args.action == "show":
         print(json.dumps({**lib.entry(args.name), "metadata": lib.metadata(args.name)}, indent=2))
+    elif args.action == "vectors":
+        from phatgoose.data import load_task
+        from phatgoose.pipeline import SplitConfig
+        from phatgoose.routing.vectors import store_average_activations
+
+        examples = {}
+        for name in lib.names:
+            meta = lib.metadata(name)
+            task = load_task(meta.get("task_source") or meta["task"])
+            examples[name] = SplitConfig(**(meta.get("split") or {})).apply(task).train
+        computed = store_average_activations(_load_base(args), lib, examples, args.max_examples,
+                                             args.batch_size)
+        print(f"average activations computed for {len(computed)} expert(s), "
+              f"{len(lib.names) - len(computed)} reused")
     elif args.action == "verify":
         problems = lib.verify()
         if args.model:
@@ -254,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
         "list": "list a library's experts",
         "show": "show one expert's manifest entry and metadata",
         "verify": "check files, shapes, gates and fingerprints (and fit to --model)",
+        "vectors": "compute and store average-activation routing vectors (each expert's own "
+                   "training split, recorded at training time)",
     }
     for action, help in specs.items():
         p = lib_sub.add_parser(action, help=help, description=help)
@@ -270,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("name", help="expert name")
         if action == "verify":
             p.add_argument("--model", help="also check that the experts fit this base model")
+        if action == "vectors":
+            model_arg(p)
+            p.add_argument("--max-examples", type=int, default=1000,
+                           help="training examples per expert (default: 1000)")
+            p.add_argument("--batch-size", type=int, default=8)
 
     p = command("eval", "evaluate methods on tasks: rank classification / exact match", cmd_eval)
     model_arg(p)

@@ -28,6 +28,7 @@ from phatgoose.library.expert import EXPERT_META, GATES, read_json, write_json
 from phatgoose.library.library import MANIFEST, ExpertLibrary, expert_name
 from phatgoose.models import EMBEDDED_MODEL, BaseModel, load_base_model
 from phatgoose.routing.attach import route, unroute
+from phatgoose.routing.vectors import store_average_activations
 
 
 @dataclass
@@ -123,7 +124,8 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
             continue
         s = splits[source]
         train_expert(base, tasks[source].name, s.train, s.validation, out, config.expert,
-                     log_path=work / "logs" / f"expert-{out.name}.jsonl", source=source)
+                     log_path=work / "logs" / f"expert-{out.name}.jsonl", source=source,
+                     split=asdict(config.split))
         _stamp(out / EXPERT_META, cache_key=key)
     timings["train experts"] = time.time() - t
 
@@ -146,6 +148,13 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
         ExpertLibrary.build(library_dir, expert_dirs)
         _stamp(library_dir / MANIFEST, cache_key=lib_key)
     library = ExpertLibrary(library_dir)
+    if "average-activation" in config.methods:
+        t = time.time()
+        store_average_activations(
+            base, library, {n: splits[s].train for n, s in zip(library.names, config.experts)},
+            batch_size=config.eval.batch_size, max_input_tokens=config.eval.max_input_tokens,
+            max_target_tokens=config.eval.max_target_tokens)
+        timings["average activations"] = time.time() - t
 
     eval_sets = {s: splits[s].test for s in (config.eval_tasks or config.experts)}
     rows = evaluate_methods(base, library, eval_sets, config.methods, config.eval, work, timings,

@@ -83,10 +83,12 @@ def train_expert(
     log_path: Path | str | None = None,
     source: str | None = None,
     tensorboard_dir: Path | str | None = None,
+    split: dict | None = None,
 ) -> Path:
     """Train a LoRA expert on a frozen base model and save it as a PEFT adapter directory
     plus ``expert.json``. The base model is left unchanged. ``source`` (where the task was
-    loaded from) is recorded so that ``train-gate`` can find the same data."""
+    loaded from) and ``split`` (the split settings) are recorded so that later steps (the gate,
+    average activations) can find the same training data."""
     config = config or ExpertConfig()
     out = Path(out)
     model = base.model
@@ -115,6 +117,7 @@ def train_expert(
         metadata = {
             "task": task,
             "task_source": source or task,
+            "split": split,
             "base_model": base.name,
             "base_fingerprint": base.fingerprint,
             "kind": "lora",
