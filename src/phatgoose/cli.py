@@ -137,10 +137,17 @@ def cmd_library(args) -> None:
             meta = lib.metadata(name)
             task = load_task(meta.get("task_source") or meta["task"])
             examples[name] = SplitConfig(**(meta.get("split") or {})).apply(task).train
-        computed = store_average_activations(_load_base(args), lib, examples, args.max_examples,
-                                             args.batch_size)
-        print(f"average activations computed for {len(computed)} expert(s), "
-              f"{len(lib.names) - len(computed)} reused")
+        if "average-activation" in args.kind:
+            computed = store_average_activations(_load_base(args), lib, examples,
+                                                 args.max_examples, args.batch_size)
+            print(f"average activations computed for {len(computed)} expert(s), "
+                  f"{len(lib.names) - len(computed)} reused")
+        if "retrieval" in args.kind:
+            from phatgoose.routing.retrieval import store_retrieval_embeddings
+
+            computed = store_retrieval_embeddings(lib, examples, args.max_examples)
+            print(f"retrieval embeddings computed for {len(computed)} expert(s), "
+                  f"{len(lib.names) - len(computed)} reused")
     elif args.action == "verify":
         problems = lib.verify()
         if args.model:
@@ -270,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
         "list": "list a library's experts",
         "show": "show one expert's manifest entry and metadata",
         "verify": "check files, shapes, gates and fingerprints (and fit to --model)",
-        "vectors": "compute and store average-activation routing vectors (each expert's own "
-                   "training split, recorded at training time)",
+        "vectors": "compute and store the average-activation vectors and the retrieval index "
+                   "(from each expert's own training split, recorded at training time)",
     }
     for action, help in specs.items():
         p = lib_sub.add_parser(action, help=help, description=help)
@@ -293,14 +300,18 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-examples", type=int, default=1000,
                            help="training examples per expert (default: 1000)")
             p.add_argument("--batch-size", type=int, default=8)
+            p.add_argument("--kind", nargs="+", choices=["average-activation", "retrieval"],
+                           default=["average-activation", "retrieval"],
+                           help="what to compute (default: both)")
 
     p = command("eval", "evaluate methods on tasks: rank classification / exact match", cmd_eval)
     model_arg(p)
     p.add_argument("--library", help="expert library directory (for routing methods)")
     p.add_argument("--task", nargs="+", required=True, help="tasks to evaluate")
     p.add_argument("--method", nargs="+", default=["base", "phatgoose"],
-                   help="base, phatgoose, arrow, uniform, merged-delta, merged-factors, "
-                   "single:<expert>, oracle (default: base phatgoose)")
+                   help="base, phatgoose, average-activation, retrieval, arrow, uniform, "
+                   "merged-delta, merged-factors, single:<expert>, oracle "
+                   "(default: base phatgoose)")
     p.add_argument("--top-k", type=int, default=2, help="experts per token (default: 2)")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="Arrow's softmax temperature (default: 1.0)")

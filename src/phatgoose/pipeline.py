@@ -18,7 +18,9 @@ from phatgoose.data.tasks import Example, Task, TaskSplits, load_task
 from phatgoose.errors import PhatgooseError
 from phatgoose.eval.evaluate import (
     EvalConfig,
+    TaskResult,
     evaluate,
+    evaluate_task,
     markdown_table,
     summary,
     write_predictions,
@@ -28,6 +30,7 @@ from phatgoose.library.expert import EXPERT_META, GATES, read_json, write_json
 from phatgoose.library.library import MANIFEST, ExpertLibrary, expert_name
 from phatgoose.models import EMBEDDED_MODEL, BaseModel, load_base_model
 from phatgoose.routing.attach import route, unroute
+from phatgoose.routing.retrieval import load_encoder, retrieve, store_retrieval_embeddings
 from phatgoose.routing.vectors import store_average_activations
 
 
@@ -155,6 +158,11 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
             batch_size=config.eval.batch_size, max_input_tokens=config.eval.max_input_tokens,
             max_target_tokens=config.eval.max_target_tokens)
         timings["average activations"] = time.time() - t
+    if "retrieval" in config.methods:
+        t = time.time()
+        store_retrieval_embeddings(
+            library, {n: splits[s].train for n, s in zip(library.names, config.experts)})
+        timings["retrieval index"] = time.time() - t
 
     eval_sets = {s: splits[s].test for s in (config.eval_tasks or config.experts)}
     rows = evaluate_methods(base, library, eval_sets, config.methods, config.eval, work, timings,
@@ -192,20 +200,50 @@ def evaluate_methods(
     rows = {}
     for method in methods:
         t = time.time()
-        if method != "base":
+        if method == "retrieval":
+            if library is None:
+                raise PhatgooseError("method 'retrieval' needs a library (--library)")
+            results = evaluate_retrieval(base, library, eval_sets, config)
+        elif method != "base":
             if library is None:
                 raise PhatgooseError(f"method {method!r} needs a library (--library)")
             route(base.model, library, method=method, **route_options)
-        try:
-            results = evaluate(base, eval_sets, config, desc=f"eval {method}")
-        finally:
-            unroute(base.model)
+        if method != "retrieval":
+            try:
+                results = evaluate(base, eval_sets, config, desc=f"eval {method}")
+            finally:
+                unroute(base.model)
         rows[method] = summary(results)
         if out is not None:
             write_predictions(out / f"predictions-{method.replace(':', '_')}.jsonl", results)
         if timings is not None:
             timings[f"eval {method}"] = time.time() - t
     return rows
+
+
+def evaluate_retrieval(
+    base: BaseModel, library: ExpertLibrary, eval_sets: dict[str, list[Example]],
+    config: EvalConfig,
+) -> dict[str, TaskResult]:
+    """Each example with the single expert that owns its nearest training example."""
+    encoder = load_encoder()
+    results = {}
+    for task, examples in eval_sets.items():
+        owners = retrieve(library, examples, encoder=encoder)
+        predictions: list[dict] = [{}] * len(examples)
+        for name in dict.fromkeys(owners):
+            picked = [i for i, owner in enumerate(owners) if owner == name]
+            route(base.model, library, method=f"single:{name}")
+            try:
+                part = evaluate_task(base, task, [examples[i] for i in picked], config)
+            finally:
+                unroute(base.model)
+            for i, p in zip(picked, part.predictions):
+                predictions[i] = {**p, "expert": name}
+        accuracy = sum(p["correct"] for p in predictions) / max(len(predictions), 1)
+        kind = "multiple_choice" if all(e.choices for e in examples) else "generation"
+        results[task] = TaskResult(task, kind, accuracy, predictions)
+    return results
 
 
 ORACLE = "oracle (best single expert per task; peeks at test labels)"
