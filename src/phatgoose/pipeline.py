@@ -9,9 +9,11 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+from peft import PeftModel
 
 from phatgoose.data.bigbench import fetch_bigbench
 from phatgoose.data.tasks import Example, Task, TaskSplits, load_task
@@ -69,6 +71,7 @@ class PipelineConfig:
     methods: list[str] = field(default_factory=lambda: ["base", "phatgoose"])
     top_k: int = 2  # experts per token (phatgoose, arrow)
     temperature: float = 1.0  # Arrow's softmax temperature
+    multitask_compute: float = 1.0  # multitask steps = this x (experts x expert steps)
     split: SplitConfig = field(default_factory=SplitConfig)
     expert: ExpertConfig = field(default_factory=ExpertConfig)
     gate: GateConfig = field(default_factory=GateConfig)
@@ -164,9 +167,34 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
             library, {n: splits[s].train for n, s in zip(library.names, config.experts)})
         timings["retrieval index"] = time.time() - t
 
-    eval_sets = {s: splits[s].test for s in (config.eval_tasks or config.experts)}
-    rows = evaluate_methods(base, library, eval_sets, config.methods, config.eval, work, timings,
+    multitask_dir = work / "multitask"
+    if "multitask" in config.methods:
+        t = time.time()
+        steps = max(1, round(config.multitask_compute * len(config.experts) * config.expert.steps))
+        mt_config = replace(config.expert, steps=steps)
+        key = config_key(base.fingerprint, config.experts, asdict(config.split), asdict(mt_config))
+        if _cached(multitask_dir / EXPERT_META, "cache_key", key):
+            log(f"multitask: cached in {multitask_dir}")
+        else:
+            train = [e for s in config.experts for e in splits[s].train]
+            val = [e for s in config.experts for e in splits[s].validation]
+            train_expert(base, "multitask", train, val, multitask_dir, mt_config,
+                         log_path=work / "logs" / "multitask.jsonl")
+            _stamp(multitask_dir / EXPERT_META, cache_key=key)
+        timings["train multitask"] = time.time() - t
+
+    eval_sets = {tasks[s].name: splits[s].test for s in (config.eval_tasks or config.experts)}
+    routed = [m for m in config.methods if m != "multitask"]
+    rows = evaluate_methods(base, library, eval_sets, routed, config.eval, work, timings,
                             top_k=config.top_k, temperature=config.temperature)
+    if "multitask" in config.methods:
+        t = time.time()
+        results = evaluate_adapter(base, multitask_dir, eval_sets, config.eval)
+        write_predictions(work / "predictions-multitask.jsonl", results)
+        rows["multitask"] = summary(results)
+        timings["eval multitask"] = time.time() - t
+        order = [ORACLE if m == "oracle" else m for m in config.methods]
+        rows = {m: rows[m] for m in order}
     table = markdown_table(rows)
     result = {"summaries": rows, "timings_s": {k: round(v, 1) for k, v in timings.items()},
               "table": table}
@@ -219,6 +247,18 @@ def evaluate_methods(
         if timings is not None:
             timings[f"eval {method}"] = time.time() - t
     return rows
+
+
+def evaluate_adapter(
+    base: BaseModel, adapter_dir: Path, eval_sets: dict[str, list[Example]],
+    config: EvalConfig,
+) -> dict[str, TaskResult]:
+    """Evaluate one PEFT adapter (e.g. the multitask LoRA) loaded with PEFT itself."""
+    model = PeftModel.from_pretrained(base.model, str(adapter_dir))
+    try:
+        return evaluate(base, eval_sets, config, desc=f"eval {adapter_dir.name}")
+    finally:
+        model.unload()
 
 
 def evaluate_retrieval(

@@ -81,11 +81,11 @@ def _shared_prompt_nll(base: BaseModel, example: Example, config: EvalConfig) ->
         for j, c in enumerate(choices):
             ids[j, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
             mask[j, len(prompt) : len(prompt) + len(c) - 1] = 1
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(n)
-        # transformers >= 5.2x names the argument `cache`; older versions `past_key_values`
+        # transformers >= 5.2x names it `cache`; older versions `past_key_values`
         key = "cache" if "cache" in inspect.signature(model.forward).parameters \
             else "past_key_values"
+        cache = getattr(out, key)
+        cache.batch_repeat_interleave(n)
         with autocast(config.bf16, device):
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                            use_cache=True, **{key: cache}).logits
