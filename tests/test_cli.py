@@ -13,7 +13,7 @@ from phatgoose.models.base import wrap_model
 COMMANDS = [
     ["data"], ["data", "bigbench"], ["train-expert"], ["train-gate"], ["library"],
     ["library", "build"], ["library", "add"], ["library", "list"], ["library", "show"],
-    ["library", "verify"], ["library", "vectors"], ["eval"], ["pipeline"],
+    ["library", "verify"], ["library", "vectors"], ["eval"], ["pipeline"], ["bench"],
 ]
 
 

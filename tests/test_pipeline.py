@@ -5,6 +5,7 @@ import json
 
 from conftest import tiny_llama
 
+from phatgoose.eval.report import write_report
 from phatgoose.pipeline import ORACLE, PipelineConfig, run_pipeline
 
 METHODS = ["base", "phatgoose", "arrow", "average-activation", "retrieval", "uniform",
@@ -51,3 +52,15 @@ def test_pipeline_runs_every_method_and_resumes(tokenizer, tmp_path):
     second = run_pipeline(config, log=messages.append)
     assert sum("cached" in m for m in messages) == 5  # 2 experts, 2 gates, multitask
     assert second["summaries"] == rows  # deterministic
+
+    report = write_report(tmp_path / "run", second, "Results", "phatgoose bench x.yaml")
+    text = report.read_text()
+    assert "| base | " in text and "## phatgoose minus each method" in text
+    expert = rows[ORACLE]["tasks"]["held"]["expert"]
+    assert expert in ("parity", "colors")
+    csv_rows = (tmp_path / "run" / "results.csv").read_text().splitlines()
+    assert csv_rows[0] == "method,task,n,accuracy,low,high"
+    assert len(csv_rows) == 1 + 2 * len(METHODS)  # each method: the task and the average
+    base_row = next(r for r in csv_rows if r.startswith("base,held,"))
+    accuracy, low, high = map(float, base_row.split(",")[3:])
+    assert accuracy == rows["base"]["tasks"]["held"]["accuracy"] and low <= accuracy <= high

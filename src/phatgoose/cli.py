@@ -201,6 +201,22 @@ def cmd_pipeline(args) -> None:
     print("\nstage timings (s): " + ", ".join(f"{k} {v}" for k, v in result["timings_s"].items()))
 
 
+def cmd_bench(args) -> None:
+    from phatgoose.eval.report import write_report
+    from phatgoose.pipeline import PipelineConfig, run_pipeline
+
+    data = _read_yaml(args.config_file)
+    if args.workdir:
+        data["workdir"] = args.workdir
+    config = PipelineConfig.from_dict(data)
+    result = run_pipeline(config)
+    command = f"phatgoose bench {args.config_file}" + (f" --workdir {args.workdir}"
+                                                       if args.workdir else "")
+    path = write_report(config.workdir, result, f"Results of {args.config_file}", command)
+    print(path.read_text())
+    print(f"report: {path}")
+
+
 # -- parser ------------------------------------------------------------------------------------
 def _read_yaml(path: str) -> dict[str, Any]:
     try:
@@ -325,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("pipeline", "run the whole pipeline from a YAML config (cached, resumable)",
                 cmd_pipeline)
     p.add_argument("config_file", help="pipeline YAML, e.g. configs/demo.yaml")
+    p.add_argument("--workdir", help="override the config's workdir")
+
+    p = command("bench", "run a pipeline config and write report.md (bootstrap intervals, "
+                "paired differences, timings) and results.csv into its workdir", cmd_bench)
+    p.add_argument("config_file", help="pipeline YAML")
     p.add_argument("--workdir", help="override the config's workdir")
     return parser
 

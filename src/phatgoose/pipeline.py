@@ -19,11 +19,13 @@ from phatgoose.data.bigbench import fetch_bigbench
 from phatgoose.data.tasks import Example, Task, TaskSplits, load_task
 from phatgoose.errors import PhatgooseError
 from phatgoose.eval.evaluate import (
+    ORACLE,
     EvalConfig,
     TaskResult,
     evaluate,
     evaluate_task,
     markdown_table,
+    oracle_summary,
     summary,
     write_predictions,
 )
@@ -284,19 +286,6 @@ def evaluate_retrieval(
         kind = "multiple_choice" if all(e.choices for e in examples) else "generation"
         results[task] = TaskResult(task, kind, accuracy, predictions)
     return results
-
-
-ORACLE = "oracle (best single expert per task; peeks at test labels)"
-
-
-def oracle_summary(singles: dict[str, dict]) -> dict:
-    """Per task, the best single expert's accuracy (and which expert it was)."""
-    tasks = {}
-    for task in next(iter(singles.values()))["tasks"]:
-        method, best = max(((m, s["tasks"][task]) for m, s in singles.items()),
-                           key=lambda pair: pair[1]["accuracy"])
-        tasks[task] = {**best, "expert": method.removeprefix("single:")}
-    return {"tasks": tasks, "average": sum(t["accuracy"] for t in tasks.values()) / len(tasks)}
 
 
 def _cached(path: Path, field_name: str, key: str) -> bool:

@@ -210,3 +210,16 @@ def write_predictions(path: Path | str, results: dict[str, TaskResult]) -> None:
         for name, r in results.items():
             for i, p in enumerate(r.predictions):
                 f.write(json.dumps({"task": name, "index": i, **p}) + "\n")
+
+
+ORACLE = "oracle (best single expert per task; peeks at test labels)"
+
+
+def oracle_summary(singles: dict[str, dict]) -> dict:
+    """Per task, the best single expert's accuracy (and which expert it was)."""
+    tasks = {}
+    for task in next(iter(singles.values()))["tasks"]:
+        method, best = max(((m, s["tasks"][task]) for m, s in singles.items()),
+                           key=lambda pair: pair[1]["accuracy"])
+        tasks[task] = {**best, "expert": method.removeprefix("single:")}
+    return {"tasks": tasks, "average": sum(t["accuracy"] for t in tasks.values()) / len(tasks)}
