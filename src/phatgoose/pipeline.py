@@ -74,6 +74,7 @@ class PipelineConfig:
     top_k: int = 2  # experts per token (phatgoose, arrow)
     temperature: float = 1.0  # Arrow's softmax temperature
     multitask_compute: float = 1.0  # multitask steps = this x (experts x expert steps)
+    vector_examples: int = 1000  # training examples per expert for average-activation/retrieval
     split: SplitConfig = field(default_factory=SplitConfig)
     expert: ExpertConfig = field(default_factory=ExpertConfig)
     gate: GateConfig = field(default_factory=GateConfig)
@@ -160,13 +161,15 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
         t = time.time()
         store_average_activations(
             base, library, {n: splits[s].train for n, s in zip(library.names, config.experts)},
-            batch_size=config.eval.batch_size, max_input_tokens=config.eval.max_input_tokens,
+            max_examples=config.vector_examples, batch_size=config.eval.batch_size,
+            max_input_tokens=config.eval.max_input_tokens,
             max_target_tokens=config.eval.max_target_tokens)
         timings["average activations"] = time.time() - t
     if "retrieval" in config.methods:
         t = time.time()
         store_retrieval_embeddings(
-            library, {n: splits[s].train for n, s in zip(library.names, config.experts)})
+            library, {n: splits[s].train for n, s in zip(library.names, config.experts)},
+            max_examples=config.vector_examples)
         timings["retrieval index"] = time.time() - t
 
     multitask_dir = work / "multitask"
@@ -215,9 +218,10 @@ def evaluate_methods(
 
     "oracle" evaluates every single expert and keeps, per task, the best one: an upper bound
     for choosing one expert per task, which peeks at the test labels (its row says so)."""
+    if library is None and any(m != "base" for m in methods):
+        raise PhatgooseError("routing methods need a library (--library); only 'base' runs "
+                             "without")
     if "oracle" in methods:
-        if library is None:
-            raise PhatgooseError("method 'oracle' needs a library (--library)")
         singles = [f"single:{n}" for n in library.names if f"single:{n}" not in methods]
         rows = evaluate_methods(base, library, eval_sets,
                                 [m for m in methods if m != "oracle"] + singles, config, out,
@@ -225,20 +229,15 @@ def evaluate_methods(
         rows[ORACLE] = oracle_summary({m: rows[m] for m in rows if m.startswith("single:")})
         for m in singles:  # computed for the oracle, not asked for
             rows.pop(m)
-        return {m if m != "oracle" else ORACLE: rows[m if m != "oracle" else ORACLE]
-                for m in methods}
+        return {m: rows[m] for m in (ORACLE if m == "oracle" else m for m in methods)}
     rows = {}
     for method in methods:
         t = time.time()
         if method == "retrieval":
-            if library is None:
-                raise PhatgooseError("method 'retrieval' needs a library (--library)")
             results = evaluate_retrieval(base, library, eval_sets, config)
-        elif method != "base":
-            if library is None:
-                raise PhatgooseError(f"method {method!r} needs a library (--library)")
-            route(base.model, library, method=method, **route_options)
-        if method != "retrieval":
+        else:
+            if method != "base":
+                route(base.model, library, method=method, **route_options)
             try:
                 results = evaluate(base, eval_sets, config, desc=f"eval {method}")
             finally:
