@@ -116,9 +116,10 @@ def route(
         raise ModelError(f"{library.root} has no experts")
     for name in names:
         library.entry(name)  # unknown names fail here, with the list of known ones
-    if check_fingerprint and fingerprint(model) != library.base_fingerprint:
+    found = fingerprint(model) if check_fingerprint else library.base_fingerprint
+    if found != library.base_fingerprint:
         raise ModelError(
-            f"the model's weights (fingerprint {fingerprint(model)}) differ from the base model "
+            f"the model's weights (fingerprint {found}) differ from the base model "
             f"the library was trained on ({library.base_model!r}, {library.base_fingerprint}): "
             "load that base model"
         )
