@@ -50,7 +50,8 @@ def test_one_expert_top1_reproduces_the_expert_and_peft_round_trip(base, tmp_pat
     expected = peft(**inputs).logits
     peft.unload()
     assert not torch.allclose(routed, plain, atol=1e-3)  # the expert changes the outputs
-    torch.testing.assert_close(routed, expected, atol=1e-5, rtol=1e-4)
+    # fp32, relative to the logits' scale (the sparse path sums in another order than PEFT)
+    torch.testing.assert_close(routed, expected, atol=1e-4 * float(expected.abs().max()), rtol=0)
 
 
 def test_fingerprint_mismatch_is_refused(tokenizer, tmp_path):

@@ -70,8 +70,12 @@ class PipelineConfig:
     workdir: str = "runs/demo"
     experts: list[str] = field(default_factory=list)  # held-in tasks, one expert each
     eval_tasks: list[str] = field(default_factory=list)  # held-out tasks
+    # named evaluation suites (e.g. held-in, siblings, ...): tasks evaluated and reported per
+    # suite; an expert's own task is evaluated on its test split, any other on a seeded sample
+    suites: dict[str, list[str]] = field(default_factory=dict)
     methods: list[str] = field(default_factory=lambda: ["base", "phatgoose"])
     top_k: int = 2  # experts per token (phatgoose, arrow)
+    top_k_ablation: list[int] = field(default_factory=list)  # extra PHATGOOSE rows at these k
     temperature: float = 1.0  # Arrow's softmax temperature
     multitask_compute: float = 1.0  # multitask steps = this x (experts x expert steps)
     vector_examples: int = 1000  # training examples per expert for average-activation/retrieval

@@ -25,7 +25,7 @@ from phatgoose.library.expert import (
 )
 from phatgoose.logging import MetricLogger
 from phatgoose.models import BaseModel, resolve_target_modules
-from phatgoose.routing.attach import _check_fit, _set_module, unroute
+from phatgoose.routing.attach import check_fit, set_module, unroute
 from phatgoose.routing.container import RoutedLinear
 from phatgoose.routing.routers import SigmoidGate
 
@@ -167,12 +167,12 @@ def train_gate(
         )
     lora = load_lora(expert_dir)
     model = base.model
-    _check_fit(model, lora)
+    check_fit(model, lora)
     gates: dict[str, SigmoidGate] = {}
     for module, weights in lora.items():
         layer = model.get_submodule(module)
         gates[module] = SigmoidGate(weights.A.shape[1]).to(layer.weight.device)
-        _set_module(model, module, RoutedLinear(layer, [weights], gates[module]))
+        set_module(model, module, RoutedLinear(layer, [weights], gates[module]))
     params = {m: g.vectors for m, g in gates.items()}
     logger = MetricLogger(log_path, tensorboard_dir)
     try:

@@ -11,7 +11,7 @@ from phatgoose.errors import ModelError
 from phatgoose.library.expert import LoraWeights, read_safetensors
 from phatgoose.library.library import ExpertLibrary
 from phatgoose.models import fingerprint, linear_dims
-from phatgoose.routing.container import RoutedLinear
+from phatgoose.routing.container import RoutedLinear, share_projections
 from phatgoose.routing.routers import (
     ArrowRouter,
     FixedWeights,
@@ -84,7 +84,7 @@ ROUTERS: dict[str, RouterFactory] = {
 METHODS = sorted(ROUTERS) + ["single:<expert>"]
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
@@ -128,18 +128,19 @@ def route(
     for n in names[1:]:
         if sorted(loras[n]) != modules:
             raise ModelError(f"experts {names[0]!r} and {n!r} adapt different modules")
-    _check_fit(model, loras[names[0]])
+    check_fit(model, loras[names[0]])
     state = {"top_k": top_k, "temperature": temperature}
-    for module in modules:
+    for module in modules:  # popped as stacked, so the experts are in memory once, not twice
         base = model.get_submodule(module)
         router, weights = ROUTERS[method](
-            library, module, names, [loras[n][module] for n in names], state
+            library, module, names, [loras[n].pop(module) for n in names], state
         )
-        _set_module(model, module, RoutedLinear(base, weights, router).to(base.weight.device))
+        set_module(model, module, RoutedLinear(base, weights, router).to(base.weight.device))
+    share_projections(routed_modules(model))
     return model
 
 
-def _check_fit(model: nn.Module, lora: dict[str, LoraWeights]) -> None:
+def check_fit(model: nn.Module, lora: dict[str, LoraWeights]) -> None:
     """Every adapted module exists in the model, is linear, and has the experts' shapes."""
     for module, w in lora.items():
         try:
@@ -160,7 +161,7 @@ def unroute(model: nn.Module) -> nn.Module:
     """Put every routed module's base layer back (in place)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, RoutedLinear):
-            _set_module(model, name, module.base)
+            set_module(model, name, module.base)
     return model
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -9,15 +11,25 @@ from torch import Tensor, nn
 from phatgoose.library.expert import LoraWeights
 from phatgoose.models import linear_dims
 
+# Below this many (token, expert) pairs the sparse path gathers the chosen experts' factors
+# (decoding); above it, pairs are sorted by expert and run as grouped matmuls (prefill).
+GATHER_MAX_PAIRS = 64
+
 
 class RoutedLinear(nn.Module):
     """y = base(x) + sum_e w_e(x) * s_e * B_e A_e x, with w = router(x) of shape (..., E).
 
-    Dense reference path: every expert's LoRA branch is computed as one concatenated LoRA of
-    rank E*r (A stacked to (E*r, d_in), B to (d_out, E*r), pre-scaled), and the router's weights
-    scale each expert's r hidden units. It is exact, never forms a tokens x experts x d_out
-    tensor, and is the oracle that faster paths are tested against. Experts of different ranks
-    are zero-padded to the largest rank (which changes nothing)."""
+    The experts are stacked once, at construction, pre-scaled: ``lora_A`` (E, d_in, r) and
+    ``lora_B`` (E, r, d_out); experts of lower rank are zero-padded (which changes nothing).
+
+    Two paths compute the same thing:
+    - ``dense`` (the reference, and the only one for dense routers such as uniform mixing or
+      gate training): every expert's r hidden units, scaled by its weight; one concatenated
+      LoRA of rank E r. Never forms a tokens x experts x d_out tensor.
+    - ``sparse`` (routers with ``project``/``select``, i.e. top-k): the router is one matmul
+      (shared with sibling modules that read the same input, see ``SharedProjection``), then
+      only the k chosen experts run per token: k r (d_in + d_out) multiply-adds per token.
+    """
 
     def __init__(self, base: nn.Module, experts: list[LoraWeights], router: nn.Module) -> None:
         super().__init__()
@@ -27,18 +39,18 @@ class RoutedLinear(nn.Module):
         self.router = router
         d_in, d_out = linear_dims(base)
         rank = max(e.A.shape[0] for e in experts)
-        weight = next(base.parameters())
-        A = torch.zeros(len(experts), rank, d_in)
-        B = torch.zeros(len(experts), d_out, rank)
+        dtype = next(base.parameters()).dtype
+        A = torch.zeros(len(experts), d_in, rank, dtype=dtype)
+        B = torch.zeros(len(experts), rank, d_out, dtype=dtype)
         for i, e in enumerate(experts):
             r = e.A.shape[0]
-            A[i, :r] = e.A.float()
-            B[i, :, :r] = e.B.float() * e.scaling
-        self.num_experts, self.rank = len(experts), rank
-        self.register_buffer("lora_A", A.reshape(-1, d_in).to(weight.dtype), persistent=False)
-        self.register_buffer(
-            "lora_B", B.permute(1, 0, 2).reshape(d_out, -1).to(weight.dtype), persistent=False
-        )
+            A[i, :, :r] = e.A.T
+            B[i, :r] = (e.B.float() * e.scaling).T
+        self.num_experts, self.rank, self.d_out = len(experts), rank, d_out
+        self.register_buffer("lora_A", A, persistent=False)
+        self.register_buffer("lora_B", B, persistent=False)
+        self.path: Literal["sparse", "dense"] = "sparse" if hasattr(router, "select") else "dense"
+        self.shared: tuple[SharedProjection, int] | None = None
 
     @property
     def weight(self) -> Tensor:
@@ -46,7 +58,106 @@ class RoutedLinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: Tensor) -> Tensor:
-        weights = self.router(x)  # (..., E)
-        hidden = F.linear(x, self.lora_A)  # (..., E * r)
-        hidden = hidden * weights.to(hidden.dtype).repeat_interleave(self.rank, dim=-1)
-        return self.base(x) + F.linear(hidden, self.lora_B)
+        if self.path == "dense":
+            return self.base(x) + self.dense_delta(x)
+        return self.base(x) + self.sparse_delta(x)
+
+    def dense_delta(self, x: Tensor) -> Tensor:
+        weights = self.router(x).to(x.dtype)  # (..., E)
+        hidden = torch.einsum("...d,edr->...er", x, self.lora_A) * weights.unsqueeze(-1)
+        return torch.einsum("...er,ero->...o", hidden, self.lora_B)
+
+    def projection(self, x: Tensor) -> Tensor:
+        if self.shared is not None:
+            group, index = self.shared
+            return group.projection(index, x)
+        return self.router.project(x)
+
+    def sparse_delta(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        flat_x = x.reshape(-1, x.shape[-1])
+        weights, experts = self.router.select(self.projection(x).reshape(flat_x.shape[0], -1),
+                                              flat_x)
+        n, k = experts.shape
+        pair_expert = experts.reshape(-1)
+        pair_weight = weights.reshape(-1, 1).to(x.dtype)
+        if n * k <= GATHER_MAX_PAIRS:  # few tokens: gather the chosen experts' factors
+            hidden = torch.bmm(flat_x.repeat_interleave(k, 0).unsqueeze(1),
+                               self.lora_A[pair_expert]).squeeze(1) * pair_weight
+            out = torch.bmm(hidden.unsqueeze(1), self.lora_B[pair_expert]).squeeze(1)
+        else:  # many tokens: pairs sorted by expert, one grouped matmul per factor
+            order = pair_expert.argsort(stable=True)
+            ends = torch.bincount(pair_expert, minlength=self.num_experts).cumsum(0)
+            hidden = grouped_matmul(flat_x[order // k], self.lora_A, ends) * pair_weight[order]
+            out = torch.empty(n * k, self.d_out, dtype=x.dtype, device=x.device)
+            out[order] = grouped_matmul(hidden, self.lora_B, ends)
+        return out.view(n, k, self.d_out).sum(1).view(*lead, self.d_out)
+
+
+def grouped_matmul(x: Tensor, weights: Tensor, ends: Tensor) -> Tensor:
+    """Rows ends[e-1]:ends[e] of x times weights[e] (E, d, f), for every e: (N, f).
+
+    torch's grouped matmul where it supports the device and dtype; else a loop over experts."""
+    try:
+        return F.grouped_mm(x, weights, offs=ends.to(torch.int32))
+    except (RuntimeError, NotImplementedError, AttributeError):
+        sizes = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
+        parts = [p @ weights[e] for e, p in enumerate(x.split(sizes)) if p.shape[0]]
+        return torch.cat(parts) if parts else x.new_zeros(0, weights.shape[-1])
+
+
+class SharedProjection:
+    """One router matmul for sibling modules that read the same input (q/k/v, gate/up).
+
+    The first member called with an input projects it onto every member's routing vectors at
+    once; the others reuse that projection when they are called with the very same tensor
+    (checked by identity and version, so a member called with another input computes its own).
+    """
+
+    def __init__(self, members: list[RoutedLinear]) -> None:
+        self.vectors = torch.cat([m.router.vectors for m in members])
+        self.sizes = [m.router.vectors.shape[0] for m in members]
+        self.routers = [m.router for m in members]
+        self._key: tuple[int, int] | None = None
+        self._input: Tensor | None = None
+        self._parts: list[Tensor] = []
+        self._served: set[int] = set()
+        for i, m in enumerate(members):
+            m.shared = (self, i)
+
+    def projection(self, index: int, x: Tensor) -> Tensor:
+        key = (id(x), x._version)
+        if self._input is not x or self._key != key:
+            if self.vectors.device != x.device:
+                self.vectors = self.vectors.to(x.device)
+            self._input, self._key = x, key
+            self._parts = list((x.float() @ self.vectors.T).split(self.sizes, dim=-1))
+            self._served = set()
+        part = self._parts[index]
+        self._served.add(index)
+        if len(self._served) == len(self.sizes):  # every member served: let the input go
+            self._input, self._key, self._parts = None, None, []
+        return part
+
+
+# Module-name suffixes that read the same input in common architectures (Llama/Mistral/Qwen,
+# T5, BERT-style attention).
+SHARED_INPUT_SIBLINGS = (
+    ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"),
+    ("q", "k", "v"), ("wi_0", "wi_1"), ("query", "key", "value"),
+)
+
+
+def share_projections(modules: dict[str, RoutedLinear]) -> list[SharedProjection]:
+    """Group the sparse routed modules of one parent whose names are input-sharing siblings."""
+    groups = []
+    for siblings in SHARED_INPUT_SIBLINGS:
+        by_parent: dict[str, list[RoutedLinear]] = {}
+        for name, module in modules.items():
+            parent, _, child = name.rpartition(".")
+            if child in siblings and module.path == "sparse":
+                by_parent.setdefault(parent, []).append(module)
+        for members in by_parent.values():
+            if len(members) > 1 and len({m.router.vectors.shape[1] for m in members}) == 1:
+                groups.append(SharedProjection(members))
+    return groups

@@ -26,11 +26,20 @@ def top_k_softmax(scores: Tensor, k: int) -> Tensor:
     return torch.zeros_like(scores).scatter(-1, indices, values.softmax(dim=-1))
 
 
+def top_k_weights(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Sparse form of ``top_k_softmax``: (weights, indices), each (..., k), in fp32."""
+    values, indices = scores.float().topk(min(k, scores.shape[-1]), dim=-1)
+    return values.softmax(dim=-1), indices
+
+
 class PhatgooseRouter(nn.Module):
     """PHATGOOSE routing: s_i = LN(x) . LN(v_i) / sqrt(d_in); top-k; softmax over the k.
 
     ``vectors`` (E, d_in) are the experts' trained gates (or any other routing vectors, e.g.
-    average activations). Scores are computed in fp32 whatever the model's dtype."""
+    average activations), stored standardised. Since a standardised v~ sums to zero,
+    LN(x) . v~ = (x - mean(x)) . v~ / sigma_x = (x . v~) / sigma_x: the router is one matmul of
+    the raw input with the stored vectors (``project``), then a per-token scale (``select``).
+    Scores are computed in fp32 whatever the model's dtype."""
 
     def __init__(self, vectors: Tensor, top_k: int = 2, eps: float = 1e-5) -> None:
         super().__init__()
@@ -40,9 +49,21 @@ class PhatgooseRouter(nn.Module):
         self.eps = eps
         self.register_buffer("vectors", standardise(vectors.float(), eps))
 
+    def project(self, x: Tensor) -> Tensor:
+        """x . v~_i for every expert: (..., E)."""
+        return x.float() @ self.vectors.T
+
+    def scores_from(self, projection: Tensor, x: Tensor) -> Tensor:
+        x = x.float()
+        inv_sigma = torch.rsqrt(x.var(dim=-1, unbiased=False, keepdim=True) + self.eps)
+        return projection * inv_sigma / math.sqrt(self.vectors.shape[-1])
+
     def scores(self, x: Tensor) -> Tensor:
-        d_in = self.vectors.shape[-1]
-        return standardise(x.float(), self.eps) @ self.vectors.T / math.sqrt(d_in)
+        return self.scores_from(self.project(x), x)
+
+    def select(self, projection: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(weights, expert indices), each (..., k), from ``project(x)``."""
+        return top_k_weights(self.scores_from(projection, x), self.top_k)
 
     def forward(self, x: Tensor) -> Tensor:
         return top_k_softmax(self.scores(x), self.top_k)
@@ -73,18 +94,23 @@ class FixedWeights(nn.Module):
 
 class ArrowRouter(nn.Module):
     """Arrow (Ostapenko et al., 2024): score |x . p_i| with p_i the top right singular vector of
-    expert i's B_i A_i; softmax over the top k of score / temperature. Training-free."""
+    expert i's B A; softmax over the top k of score / temperature. Training-free."""
 
     def __init__(self, prototypes: Tensor, top_k: int = 2, temperature: float = 1.0) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"Arrow temperature must be positive, got {temperature}")
         self.top_k, self.temperature = top_k, temperature
-        self.register_buffer("prototypes", prototypes.float())
+        self.register_buffer("vectors", prototypes.float())
+
+    def project(self, x: Tensor) -> Tensor:
+        return x.float() @ self.vectors.T
+
+    def select(self, projection: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        return top_k_weights(projection.abs() / self.temperature, self.top_k)
 
     def forward(self, x: Tensor) -> Tensor:
-        scores = (x.float() @ self.prototypes.T).abs()
-        return top_k_softmax(scores / self.temperature, self.top_k)
+        return top_k_softmax(self.project(x).abs() / self.temperature, self.top_k)
 
 
 def top_right_singular_vector(A: Tensor, B: Tensor) -> Tensor:

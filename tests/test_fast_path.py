@@ -1,0 +1,133 @@
+"""The sparse (top-k) routed path against the dense reference path, the folded router
+standardisation, and the router matmul shared by modules that read the same input."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import random_expert
+from torch import nn
+
+from phatgoose.library import ExpertLibrary
+from phatgoose.routing import (
+    ArrowRouter,
+    LoraWeights,
+    PhatgooseRouter,
+    RoutedLinear,
+    route,
+    routed_modules,
+    standardise,
+    unroute,
+)
+from phatgoose.routing import container
+from phatgoose.routing.container import SharedProjection, grouped_matmul
+
+
+def experts(d_in: int, d_out: int, ranks: list[int]) -> list[LoraWeights]:
+    return [LoraWeights(torch.randn(r, d_in), torch.randn(d_out, r), 0.5 + i)
+            for i, r in enumerate(ranks)]
+
+
+def test_folded_standardisation_equals_layernorm_of_both_sides():
+    """LN(x) . LN(v) = (x . v~) / sigma_x, because the standardised v~ sums to zero."""
+    torch.manual_seed(0)
+    d = 48
+    vectors = torch.randn(7, d) * 2 + 3
+    x = torch.randn(5, 11, d) * 4 - 1
+    router = PhatgooseRouter(vectors)
+    assert router.vectors.sum(-1).abs().max() < 1e-4  # v~ has zero mean
+    explicit = standardise(x) @ standardise(vectors).T / math.sqrt(d)
+    torch.testing.assert_close(router.scores(x), explicit, atol=1e-5, rtol=1e-5)
+    sigma = torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close((x @ router.vectors.T) / sigma / math.sqrt(d), explicit,
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["phatgoose", "arrow"])
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+@pytest.mark.parametrize("tokens", [3, 200])  # gather path, grouped-matmul path
+def test_sparse_path_equals_dense_reference(kind, top_k, tokens):
+    torch.manual_seed(top_k + tokens)
+    d_in, d_out, n_experts = 24, 20, 9
+    weights = experts(d_in, d_out, [4, 2, 4, 3, 4, 1, 4, 4, 2])
+    vectors = torch.randn(n_experts, d_in)
+    router = PhatgooseRouter(vectors, top_k) if kind == "phatgoose" else ArrowRouter(
+        vectors, top_k, temperature=0.5)
+    layer = RoutedLinear(nn.Linear(d_in, d_out), weights, router)
+    assert layer.path == "sparse"
+    x = torch.randn(tokens, d_in)
+    assert (tokens * top_k <= container.GATHER_MAX_PAIRS) == (tokens == 3)
+    sparse = layer(x)
+    layer.path = "dense"
+    dense = layer(x)
+    scale = dense.abs().max()
+    torch.testing.assert_close(sparse, dense, atol=1e-4 * float(scale), rtol=0)
+    # and both equal a loop over the experts each token chose
+    chosen = router(x)
+    loop = layer.base(x)
+    for i, e in enumerate(weights):
+        loop = loop + chosen[:, i : i + 1] * e.scaling * (x @ e.A.T @ e.B.T)
+    torch.testing.assert_close(sparse, loop, atol=1e-4 * float(scale), rtol=0)
+    assert ((chosen > 0).sum(-1) == top_k).all()
+
+
+def test_sparse_path_keeps_batch_shape_and_dtype():
+    torch.manual_seed(1)
+    layer = RoutedLinear(nn.Linear(8, 6), experts(8, 6, [2, 2, 2]),
+                         PhatgooseRouter(torch.randn(3, 8), 2))
+    x = torch.randn(2, 40, 8)
+    out = layer(x)
+    assert out.shape == (2, 40, 6) and out.dtype == torch.float32
+    layer.path = "dense"
+    torch.testing.assert_close(out, layer(x), atol=1e-5, rtol=1e-4)
+
+
+def test_grouped_matmul_and_its_fallback_equal_a_loop(monkeypatch):
+    torch.manual_seed(2)
+    x, w = torch.randn(10, 6), torch.randn(4, 6, 3)
+    ends = torch.tensor([3, 3, 7, 10])  # expert 1 gets no rows
+    expected = torch.cat([x[:3] @ w[0], x[3:7] @ w[2], x[7:] @ w[3]])
+    torch.testing.assert_close(grouped_matmul(x, w, ends), expected)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("grouped_mm: unsupported here")
+
+    monkeypatch.setattr(F, "grouped_mm", refuse)
+    torch.testing.assert_close(grouped_matmul(x, w, ends), expected)
+
+
+def test_shared_projection_reuses_one_matmul_only_for_the_same_input():
+    torch.manual_seed(3)
+    layers = [RoutedLinear(nn.Linear(8, 5), experts(8, 5, [2, 2, 2]),
+                           PhatgooseRouter(torch.randn(3, 8), 2)) for _ in range(3)]
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    own = [layer(x) for layer in layers]
+    own_y = layers[2](y)
+    SharedProjection(layers)
+    calls = []
+    for layer in layers:
+        layer.router.project = lambda x, calls=calls: calls.append(1)  # must not be called
+    shared = [layers[0](x), layers[1](x)]
+    assert calls == []
+    for a, b in zip(shared, own):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(layers[2](y), own_y)  # another input: projected afresh
+
+
+def test_routed_llama_shares_qkv_and_gate_up_and_matches_dense(llama, tmp_path):
+    dirs = [random_expert(llama, tmp_path / f"e{i}", seed=i) for i in range(5)]
+    library = ExpertLibrary.build(tmp_path / "lib", dirs)
+    ids = torch.randint(2, 100, (3, 30))
+    route(llama.model, library, method="phatgoose", top_k=2)
+    modules = routed_modules(llama.model)
+    groups = {id(m.shared[0]) for m in modules.values() if m.shared}
+    n_layers = llama.model.config.num_hidden_layers
+    assert len(groups) == 2 * n_layers  # q/k/v and gate/up in every layer
+    assert all(m.shared is None for n, m in modules.items() if n.endswith(("o_proj", "down_proj")))
+    sparse = llama.model(ids).logits
+    for m in modules.values():
+        m.path = "dense"
+    dense = llama.model(ids).logits
+    unroute(llama.model)
+    torch.testing.assert_close(sparse, dense, atol=1e-4 * float(dense.abs().max()), rtol=0)
