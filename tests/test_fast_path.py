@@ -15,12 +15,12 @@ from phatgoose.routing import (
     LoraWeights,
     PhatgooseRouter,
     RoutedLinear,
+    container,
     route,
     routed_modules,
     standardise,
     unroute,
 )
-from phatgoose.routing import container
 from phatgoose.routing.container import SharedProjection, grouped_matmul
 
 

@@ -28,8 +28,9 @@ RouterFactory = Callable[[ExpertLibrary, str, list[str], list[LoraWeights], dict
 
 def _phatgoose(library, module, names, experts, state) -> Routed:
     """Top-k over the experts' trained gates."""
-    gates = state.setdefault("gates", {n: library.gates(n) for n in names})
-    vectors = torch.stack([gates[n][module] for n in names])
+    if "gates" not in state:  # read once for all modules
+        state["gates"] = {n: library.gates(n) for n in names}
+    vectors = torch.stack([state["gates"][n][module] for n in names])
     return PhatgooseRouter(vectors, top_k=state["top_k"]), experts
 
 

@@ -60,7 +60,7 @@ class RoutedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.path == "dense":
             return self.base(x) + self.dense_delta(x)
-        return self.base(x) + self.sparse_delta(x)
+        return self.sparse_forward(x)
 
     def dense_delta(self, x: Tensor) -> Tensor:
         weights = self.router(x).to(x.dtype)  # (..., E)
@@ -73,25 +73,28 @@ class RoutedLinear(nn.Module):
             return group.projection(index, x)
         return self.router.project(x)
 
-    def sparse_delta(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-1]
-        flat_x = x.reshape(-1, x.shape[-1])
+    def sparse_forward(self, x: Tensor) -> Tensor:
+        out = self.base(x)
+        flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1, self.d_out)
         weights, experts = self.router.select(self.projection(x).reshape(flat_x.shape[0], -1),
                                               flat_x)
         n, k = experts.shape
-        pair_expert = experts.reshape(-1)
-        pair_weight = weights.reshape(-1, 1).to(x.dtype)
+        weights = weights.to(x.dtype)
         if n * k <= GATHER_MAX_PAIRS:  # few tokens: gather the chosen experts' factors
-            hidden = torch.bmm(flat_x.repeat_interleave(k, 0).unsqueeze(1),
-                               self.lora_A[pair_expert]).squeeze(1) * pair_weight
-            out = torch.bmm(hidden.unsqueeze(1), self.lora_B[pair_expert]).squeeze(1)
-        else:  # many tokens: pairs sorted by expert, one grouped matmul per factor
-            order = pair_expert.argsort(stable=True)
-            ends = torch.bincount(pair_expert, minlength=self.num_experts).cumsum(0)
-            hidden = grouped_matmul(flat_x[order // k], self.lora_A, ends) * pair_weight[order]
-            out = torch.empty(n * k, self.d_out, dtype=x.dtype, device=x.device)
-            out[order] = grouped_matmul(hidden, self.lora_B, ends)
-        return out.view(n, k, self.d_out).sum(1).view(*lead, self.d_out)
+            hidden = torch.einsum("nd,nkdr->nkr", flat_x, self.lora_A[experts])
+            delta = torch.einsum("nkr,nkro->no", hidden * weights.unsqueeze(-1),
+                                 self.lora_B[experts])
+            return out + delta.view(out.shape)
+        # many tokens: (token, slot) pairs sorted by expert, one grouped matmul per factor,
+        # each pair's output added into its token's row
+        pair_expert = experts.reshape(-1)
+        order = pair_expert.argsort(stable=True)
+        token = order // k
+        ends = torch.bincount(pair_expert, minlength=self.num_experts).cumsum(0)
+        hidden = grouped_matmul(flat_x.index_select(0, token), self.lora_A, ends)
+        hidden = hidden * weights.reshape(-1, 1).index_select(0, order)
+        flat_out.index_add_(0, token, grouped_matmul(hidden, self.lora_B, ends))
+        return out
 
 
 def grouped_matmul(x: Tensor, weights: Tensor, ends: Tensor) -> Tensor:

@@ -1,0 +1,358 @@
+"""Routed inference speed and memory on SmolLM2-135M with E synthetic rank-8 experts on all 7
+linear modules of its 30 layers (issue 4): prefill and decode against the base model, the
+dense reference path, PEFT's Arrow on the same adapters, peak RSS, library load time, and the
+arithmetic that bounds what is achievable.
+
+    python benchmarks/routed_inference.py                      # CPU, fp32, E = 8 64 256 1024
+    python benchmarks/routed_inference.py --device cuda --dtype bf16 --out gpu.json
+
+Each E runs in its own process (so peak RSS is per E). The base model has SmolLM2-135M's exact
+architecture with random weights (speed does not depend on the values); the experts and router
+vectors are random too. Writes JSON (``--out``) and a throughput-vs-E plot beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from phatgoose.library.expert import LoraWeights
+from phatgoose.models import linear_dims, resolve_target_modules
+from phatgoose.routing import ArrowRouter, PhatgooseRouter, RoutedLinear
+from phatgoose.routing.attach import set_module
+from phatgoose.routing.container import share_projections
+from phatgoose.routing.routers import top_right_singular_vector
+
+SMOLLM2_135M = dict(  # SmolLM2-135M-Instruct's config
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+    rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1,
+    eos_token_id=2, pad_token_id=2,
+)
+RANK, TOP_K, BATCH, SEQ, NEW_TOKENS = 8, 2, 8, 256, 64
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def base_model(device: str, dtype: torch.dtype) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).to(device, dtype).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def multiply_adds(model, experts: int, shared: bool) -> dict[str, float]:
+    """Per token: base linears + output head; router E x d_in per module (per distinct input
+    when siblings share one matmul); top-k LoRA k r (d_in + d_out) per module."""
+    dims = {n: linear_dims(model.get_submodule(n)) for n in resolve_target_modules(model)}
+    base = sum(i * o for i, o in dims.values()) + model.lm_head.weight.numel()
+    inputs = {n.rpartition(".")[0] + (".qkv" if n.endswith(("q_proj", "k_proj", "v_proj"))
+                                      else ".gate_up" if n.endswith(("gate_proj", "up_proj"))
+                                      else n): i for n, (i, _) in dims.items()}
+    router = experts * (sum(inputs.values()) if shared else sum(i for i, _ in dims.values()))
+    lora = TOP_K * RANK * sum(i + o for i, o in dims.values())
+    return {"base": base, "router": router, "lora": lora, "ratio": (base + router + lora) / base}
+
+
+def synthetic_experts(model, experts: int, seed: int = 1) -> dict[str, list[LoraWeights]]:
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in resolve_target_modules(model):
+        d_in, d_out = linear_dims(model.get_submodule(name))
+        A = torch.randn(experts, RANK, d_in, generator=generator) / d_in**0.5
+        B = torch.randn(experts, d_out, RANK, generator=generator) * 0.02
+        out[name] = [LoraWeights(A[e], B[e], 2.0) for e in range(experts)]
+    return out
+
+
+def route_synthetic(model, loras: dict[str, list[LoraWeights]], method: str) -> None:
+    generator = torch.Generator().manual_seed(2)
+    device = model.lm_head.weight.device
+    for name, weights in loras.items():
+        base = model.get_submodule(name)
+        if method == "arrow":
+            router = ArrowRouter(torch.stack([top_right_singular_vector(w.A, w.B)
+                                              for w in weights]), TOP_K)
+        else:
+            router = PhatgooseRouter(torch.randn(len(weights), weights[0].A.shape[1],
+                                                 generator=generator), TOP_K)
+        set_module(model, name, RoutedLinear(base, weights, router).to(device))
+    share_projections({n: model.get_submodule(n) for n in loras})
+
+
+def set_path(model, path: str) -> None:
+    for m in model.modules():
+        if isinstance(m, RoutedLinear):
+            m.path = path
+
+
+def timed(fn, repeats: int, device: str) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def decode_seconds_per_token(model, batch: int, device: str, repeats: int) -> float:
+    prompt = torch.randint(3, 40000, (batch, 32), device=device)
+    def run():
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
+                       min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=2)
+    return timed(run, repeats, device) / NEW_TOKENS
+
+
+def one(experts: int, args) -> dict:
+    """Every measurement for one E, in this process."""
+    dtype, device = DTYPES[args.dtype], args.device
+    model = base_model(device, dtype)
+    ids = torch.randint(3, 40000, (BATCH, SEQ), device=device)
+    result = {"experts": experts, "device": device, "dtype": args.dtype,
+              "threads": torch.get_num_threads(),
+              "multiply_adds": multiply_adds(model, experts, shared=False),
+              "multiply_adds_shared_router": multiply_adds(model, experts, shared=True)}
+    with torch.no_grad():
+        result["base_prefill_s"] = timed(lambda: model(ids), args.repeats, device)
+        result["base_decode_s_per_token"] = {
+            b: decode_seconds_per_token(model, b, device, args.repeats) for b in (1, 8)}
+        result["rss_base_gib"] = peak_rss_gib()
+        start = time.perf_counter()
+        route_synthetic(model, synthetic_experts(model, experts), "phatgoose")
+        result["route_s"] = time.perf_counter() - start
+        result["library_gib"] = sum(
+            b.numel() * b.element_size() for m in model.modules() if isinstance(m, RoutedLinear)
+            for b in (m.lora_A, m.lora_B, m.router.vectors)) / 2**30
+        sparse_logits = model(ids).logits
+        result["sparse_prefill_s"] = timed(lambda: model(ids), args.repeats, device)
+        result["sparse_decode_s_per_token"] = {
+            b: decode_seconds_per_token(model, b, device, args.repeats) for b in (1, 8)}
+        result["rss_routed_gib"] = peak_rss_gib()
+        set_path(model, "dense")
+        dense_logits = model(ids).logits
+        result["dense_prefill_s"] = timed(lambda: model(ids), 1 if experts > 256 else
+                                          args.repeats, device)
+        result["sparse_vs_dense_max_rel_diff"] = float(
+            (sparse_logits - dense_logits).abs().max() / dense_logits.abs().max())
+    return result
+
+
+def write_peft_adapters(loras: dict[str, list[LoraWeights]], root: Path) -> list[str]:
+    experts = len(next(iter(loras.values())))
+    paths = []
+    for e in range(experts):
+        out = root / f"expert{e}"
+        out.mkdir(parents=True)
+        tensors = {}
+        for name, weights in loras.items():
+            tensors[f"base_model.model.{name}.lora_A.weight"] = weights[e].A.contiguous()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = weights[e].B.contiguous()
+        save_file(tensors, out / "adapter_model.safetensors")
+        (out / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": RANK, "lora_alpha": 2 * RANK,
+            "target_modules": sorted({n.rpartition(".")[2] for n in loras}),
+            "lora_dropout": 0.0, "bias": "none"}))
+        paths.append(str(out))
+    return paths
+
+
+def peft_arrow(experts: int, args) -> dict:
+    """PEFT's create_arrow_model vs phatgoose's arrow on the same adapters, top-k, dtype."""
+    from peft import ArrowConfig, create_arrow_model
+    from peft.tuners.lora.arrow import ArrowLoraLinearLayer
+
+    # PEFT finds each prototype by 15 power iterations from a random start, which leaves errors
+    # of about 1e-3 and so different outputs; give it the exact singular vector (as ours) so
+    # the outputs can be compared. Prototypes are built once, before the timed forwards.
+    ArrowLoraLinearLayer.top_right_singular_vec_from_BA = (
+        lambda self, A, B, iters=15, eps=1e-8: top_right_singular_vector(A, B))
+
+    dtype, device = DTYPES[args.dtype], args.device
+    ids = torch.randint(3, 40000, (BATCH, SEQ), device=device)
+    model = base_model(device, dtype)
+    loras = synthetic_experts(model, experts)
+    result = {"experts": experts}
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        paths = write_peft_adapters(loras, Path(tmp))
+        route_synthetic(model, loras, "arrow")
+        ours = model(ids).logits
+        result["phatgoose_arrow_prefill_s"] = timed(lambda: model(ids), args.repeats, device)
+        model = loras = None  # free our copy before PEFT loads its own
+        peft_model = create_arrow_model(base_model(device, dtype), paths,
+                                        ArrowConfig(top_k=TOP_K, router_temperature=1.0))
+        peft_model.to(device, dtype).eval()
+        try:
+            theirs = peft_model(input_ids=ids).logits
+            result["peft_arrow_prefill_s"] = timed(lambda: peft_model(input_ids=ids),
+                                                   args.repeats, device)
+            result["max_rel_diff"] = float((ours - theirs).abs().max() / theirs.abs().max())
+        except torch.OutOfMemoryError as err:
+            result["peft_error"] = f"out of memory: {err}".splitlines()[0]
+    result["rss_gib"] = peak_rss_gib()
+    return result
+
+
+def library_load(experts: int, args) -> dict:
+    """Write a real library of E synthetic experts (gates too), then time routing a model
+    with it: read every expert's safetensors once, stack per module, build the routers."""
+    from phatgoose.library import ExpertLibrary
+    from phatgoose.library.expert import EXPERT_META, GATES, write_json
+    from phatgoose.models import fingerprint
+    from phatgoose.routing import route
+
+    model = base_model("cpu", torch.float32)
+    root = Path(args.workdir) / f"library-{experts}"
+    if not (root / "manifest.json").exists():
+        loras = synthetic_experts(model, experts)
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = write_peft_adapters(loras, Path(tmp))
+            for path in paths:
+                save_file({n: torch.randn(w[0].A.shape[1]) for n, w in loras.items()},
+                          Path(path) / GATES)
+                write_json(Path(path) / EXPERT_META, {
+                    "task": Path(path).name, "base_model": "smollm2-135m-random",
+                    "base_fingerprint": fingerprint(model), "metrics": {}})
+            ExpertLibrary.build(root, [Path(p) for p in paths])
+    start = time.perf_counter()
+    route(model, ExpertLibrary(root), method="phatgoose", top_k=TOP_K)
+    return {"experts": experts, "load_and_route_s": time.perf_counter() - start,
+            "rss_gib": peak_rss_gib()}
+
+
+def child(flag: str, experts: int, args) -> dict:
+    cmd = [sys.executable, __file__, flag, str(experts), "--device", args.device, "--dtype",
+           args.dtype, "--repeats", str(args.repeats), "--workdir", args.workdir,
+           "--child-timeout", str(args.child_timeout)]
+    print("$", " ".join(cmd[1:]), flush=True)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
+    except subprocess.TimeoutExpired:
+        return {"experts": experts, "error": f"timed out after {args.child_timeout} s"}
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"experts": experts, "error": f"exit {done.returncode}: {tail[0]}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def report(results: dict) -> None:
+    print("\n| E | multiply-adds vs base (shared router) | prefill base (s) | dense | sparse "
+          "| sparse / base throughput | decode b1 sparse/base | decode b8 sparse/base "
+          "| peak RSS (GiB) | library (GiB) | sparse vs dense |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results["routed"]:
+        if "error" in r:
+            print(f"| {r['experts']} | {r['error']} |")
+            continue
+        decode = [r["sparse_decode_s_per_token"][b] / r["base_decode_s_per_token"][b]
+                  for b in ("1", "8")]
+        print(f"| {r['experts']} | {r['multiply_adds']['ratio']:.2f}x "
+              f"({r['multiply_adds_shared_router']['ratio']:.2f}x) | {r['base_prefill_s']:.2f} "
+              f"| {r['dense_prefill_s']:.2f} | {r['sparse_prefill_s']:.2f} "
+              f"| {r['base_prefill_s'] / r['sparse_prefill_s']:.2f} | {decode[0]:.2f}x "
+              f"| {decode[1]:.2f}x | {r['rss_routed_gib']:.2f} | {r['library_gib']:.2f} "
+              f"| {r['sparse_vs_dense_max_rel_diff']:.1e} |")
+    if results.get("peft"):
+        print("\n| E | phatgoose arrow (s) | PEFT arrow (s) | speed-up | max rel diff |")
+        print("|---:|---:|---:|---:|---:|")
+        for r in results["peft"]:
+            if "peft_arrow_prefill_s" in r:
+                print(f"| {r['experts']} | {r['phatgoose_arrow_prefill_s']:.2f} "
+                      f"| {r['peft_arrow_prefill_s']:.2f} "
+                      f"| {r['peft_arrow_prefill_s'] / r['phatgoose_arrow_prefill_s']:.1f}x "
+                      f"| {r['max_rel_diff']:.1e} |")
+            else:
+                print(f"| {r['experts']} | {r.get('phatgoose_arrow_prefill_s', '-')} "
+                      f"| {r.get('peft_error') or r.get('error')} | | |")
+    for r in results.get("load", []):
+        print(f"\nlibrary of {r['experts']} experts: load + route "
+              f"{r.get('load_and_route_s', float('nan')):.1f} s {r.get('error', '')}")
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["routed"] if "error" not in r]
+    E = [r["experts"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(E, [r["base_prefill_s"] / r["sparse_prefill_s"] for r in rows], "o-",
+            label="phatgoose sparse path")
+    ax.plot(E, [r["base_prefill_s"] / r["dense_prefill_s"] for r in rows], "s--",
+            label="dense reference path")
+    ax.plot(E, [1 / r["multiply_adds"]["ratio"] for r in rows], ":", color="gray",
+            label="bound: 1 / multiply-add ratio")
+    peft = {r["experts"]: r for r in results.get("peft", []) if "peft_arrow_prefill_s" in r}
+    base = {r["experts"]: r["base_prefill_s"] for r in rows}
+    pe = [e for e in peft if e in base]
+    if pe:
+        ax.plot(pe, [base[e] / peft[e]["peft_arrow_prefill_s"] for e in pe], "^-",
+                label="PEFT Arrow")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("experts E")
+    ax.set_ylabel("prefill throughput / base model")
+    first = rows[0] if rows else {"device": "?", "dtype": "?"}
+    ax.set_title(f"SmolLM2-135M, rank 8, top-2, batch {BATCH}x{SEQ} "
+                 f"({first['device']}, {first['dtype']})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 64, 256, 1024])
+    parser.add_argument("--peft", type=int, nargs="*", default=[8, 64, 256],
+                        help="E at which to compare with PEFT's Arrow")
+    parser.add_argument("--load", type=int, nargs="*", default=[256],
+                        help="E at which to time loading a library from disk")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "phatgoose-bench"))
+    parser.add_argument("--out", default="routed_inference.json")
+    parser.add_argument("--child-timeout", type=int, default=3600,
+                        help="seconds allowed for each E's process")
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--peft-one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--load-one", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    for flag, fn in (("one", one), ("peft_one", peft_arrow), ("load_one", library_load)):
+        if getattr(args, flag) is not None:
+            print(json.dumps(fn(getattr(args, flag), args)))
+            return
+    results = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
+               "routed": [], "peft": [], "load": []}
+    for key, flag, values in (("routed", "--one", args.experts), ("peft", "--peft-one", args.peft),
+                              ("load", "--load-one", args.load)):
+        for e in values:
+            results[key].append(child(flag, e, args))
+            print(json.dumps(results[key][-1]), flush=True)
+            Path(args.out).write_text(json.dumps(results, indent=2) + "\n")  # kept if cut short
+    report(results)
+    plot(results, Path(args.out).with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
