@@ -322,7 +322,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experts", type=int, nargs="+", default=[8, 64, 256, 1024])
+    parser.add_argument("--experts", type=int, nargs="*", default=[8, 64, 256, 1024])
     parser.add_argument("--peft", type=int, nargs="*", default=[8, 64, 256],
                         help="E at which to compare with PEFT's Arrow")
     parser.add_argument("--load", type=int, nargs="*", default=[256],

@@ -5,8 +5,9 @@ import json
 
 from conftest import tiny_llama
 
+from phatgoose import pipeline
 from phatgoose.eval.report import write_report
-from phatgoose.pipeline import ORACLE, PipelineConfig, run_pipeline
+from phatgoose.pipeline import ORACLE, OWN_EXPERT, PipelineConfig, run_pipeline
 
 METHODS = ["base", "phatgoose", "arrow", "average-activation", "retrieval", "uniform",
            "merged-factors", "multitask", "oracle"]
@@ -17,7 +18,7 @@ def jsonl(path, rows):
     return str(path)
 
 
-def test_pipeline_runs_every_method_and_resumes(tokenizer, tmp_path):
+def test_pipeline_runs_every_method_and_resumes(tokenizer, tmp_path, monkeypatch):
     model_dir = tmp_path / "model"
     tiny_llama(len(tokenizer)).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -32,7 +33,9 @@ def test_pipeline_runs_every_method_and_resumes(tokenizer, tmp_path):
          "target": ["red", "blue"][n % 3 % 2]} for n in range(30)])
     config = PipelineConfig.from_dict({
         "model": str(model_dir), "workdir": str(tmp_path / "run"),
-        "experts": [parity, colors], "eval_tasks": [held_out], "methods": METHODS,
+        "experts": [parity, colors], "suites": {"held-in": [parity, colors],
+                                                 "held-out": [held_out]},
+        "methods": METHODS, "top_k_ablation": [1], "routing_examples": 3,
         "split": {"max_test": 5},
         "expert": {"steps": 3, "batch_size": 4, "rank": 2, "lr": 0.01, "eval_every": 3},
         "gate": {"steps": 2, "batch_size": 4, "lr": 0.01},
@@ -40,27 +43,46 @@ def test_pipeline_runs_every_method_and_resumes(tokenizer, tmp_path):
     messages = []
     first = run_pipeline(config, log=messages.append)
     rows = first["summaries"]
-    assert list(rows) == [ORACLE if m == "oracle" else m for m in METHODS]
-    assert all(rows[m]["tasks"]["held"]["n"] == 5 for m in rows)
-    assert rows["uniform"] != rows["base"] or rows["uniform"]["tasks"]["held"]["accuracy"] >= 0
+    assert list(rows) == [ORACLE if m == "oracle" else m for m in METHODS if m != "multitask"] + [
+        "phatgoose@k1", "multitask", OWN_EXPERT]
+    assert first["suites"] == {"held-in": ["parity", "colors"], "held-out": ["held"]}
+    assert all(rows[m]["tasks"]["held"]["n"] == 5 for m in rows if m != OWN_EXPERT)
+    # held-in tasks get the expert trained on them, held-out tasks the oracle
+    assert set(rows[OWN_EXPERT]["tasks"]) == {"parity", "colors"}
+    assert rows[OWN_EXPERT]["tasks"]["parity"]["expert"] == "parity"
+    assert set(rows[ORACLE]["tasks"]) == {"held"}
+    assert set(rows["phatgoose@k1"]["tasks"]) == {"parity", "colors", "held"}
     mt = json.loads((tmp_path / "run" / "multitask" / "expert.json").read_text())
     assert mt["config"]["steps"] == 2 * 3  # compute equal to the experts' combined steps
-    assert first["table"].splitlines()[0] == "| method | held | average |"
+    assert first["table"].splitlines()[0] == "| method | held | parity | colors | average |"
     assert not any("cached" in m for m in messages)
+    shares = json.loads((tmp_path / "run" / "routing_shares.json").read_text())
+    for task in ("parity", "colors", "held"):
+        for module_shares in shares["tasks"][task].values():
+            assert abs(sum(module_shares) - 1) < 1e-5 and len(module_shares) == 2
+    assert (tmp_path / "run" / "routing_heatmap.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "routing_layers.png").stat().st_size > 1000
 
     messages.clear()
+    calls = []
+    monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: calls.append(a))
     second = run_pipeline(config, log=messages.append)
     assert sum("cached" in m for m in messages) == 5  # 2 experts, 2 gates, multitask
-    assert second["summaries"] == rows  # deterministic
+    assert calls == []  # every (method, task) evaluation came from the cache
+    assert second["summaries"] == rows
 
     report = write_report(tmp_path / "run", second, "Results", "phatgoose bench x.yaml")
     text = report.read_text()
-    assert "| base | " in text and "## phatgoose minus each method" in text
+    assert "## held-in" in text and "## held-out" in text
+    assert "phatgoose minus each method (paired bootstrap" in text
+    assert "## Does each expert beat the base model on its own task?" in text
+    assert "![PHATGOOSE routing share per task and expert](routing_heatmap.png)" in text
     expert = rows[ORACLE]["tasks"]["held"]["expert"]
     assert expert in ("parity", "colors")
     csv_rows = (tmp_path / "run" / "results.csv").read_text().splitlines()
-    assert csv_rows[0] == "method,task,n,accuracy,low,high"
-    assert len(csv_rows) == 1 + 2 * len(METHODS)  # each method: the task and the average
-    base_row = next(r for r in csv_rows if r.startswith("base,held,"))
-    accuracy, low, high = map(float, base_row.split(",")[3:])
+    assert csv_rows[0] == "suite,method,task,n,accuracy,low,high"
+    # held-in: 2 tasks x every method but the oracle; held-out: 1 task x all but own expert
+    assert len(csv_rows) == 1 + 2 * (len(rows) - 1) + (len(rows) - 1)
+    base_row = next(r for r in csv_rows if r.startswith("held-out,base,held,"))
+    accuracy, low, high = map(float, base_row.split(",")[4:])
     assert accuracy == rows["base"]["tasks"]["held"]["accuracy"] and low <= accuracy <= high

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from peft import PeftModel
 from phatgoose.data.bigbench import fetch_bigbench
 from phatgoose.data.tasks import Example, Task, TaskSplits, load_task
 from phatgoose.errors import PhatgooseError
+from phatgoose.eval.analysis import plot_routing, routing_shares
 from phatgoose.eval.evaluate import (
     ORACLE,
     EvalConfig,
@@ -56,6 +59,13 @@ class SplitConfig:
             splits.train = splits.train[: self.max_train]
         return splits
 
+    def held_out(self, task: Task) -> list[Example]:
+        """A task no expert trains on is evaluated on a seeded sample of all its (unique)
+        examples, up to ``max_test``."""
+        unique = list({(e.input, e.targets): e for e in reversed(task.examples)}.values())[::-1]
+        random.Random(self.seed).shuffle(unique)
+        return unique[: self.max_test] if self.max_test is not None else unique
+
 
 def config_key(*parts: Any) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str)
@@ -79,6 +89,7 @@ class PipelineConfig:
     temperature: float = 1.0  # Arrow's softmax temperature
     multitask_compute: float = 1.0  # multitask steps = this x (experts x expert steps)
     vector_examples: int = 1000  # training examples per expert for average-activation/retrieval
+    routing_examples: int = 0  # examples per evaluated task for the routing-share plots (0: off)
     split: SplitConfig = field(default_factory=SplitConfig)
     expert: ExpertConfig = field(default_factory=ExpertConfig)
     gate: GateConfig = field(default_factory=GateConfig)
@@ -113,12 +124,13 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
     timings: dict[str, float] = {}
 
     t = time.time()
-    bigbench = [s for s in config.experts + config.eval_tasks
-                if not s.startswith("hf:") and not Path(s).exists()]
+    suites = config.suites or {"evaluation": config.eval_tasks or config.experts}
+    sources = list(dict.fromkeys(config.experts + [t for ts in suites.values() for t in ts]))
+    bigbench = [s for s in sources if not s.startswith("hf:") and not Path(s).exists()]
     if bigbench:
         fetch_bigbench(bigbench)
-    tasks = {s: load_task(s) for s in config.experts + config.eval_tasks}
-    splits = {s: config.split.apply(task) for s, task in tasks.items()}
+    tasks = {s: load_task(s) for s in sources}
+    splits = {s: config.split.apply(tasks[s]) for s in config.experts}
     timings["data"] = time.time() - t
 
     t = time.time()
@@ -192,33 +204,110 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
             _stamp(multitask_dir / EXPERT_META, cache_key=key)
         timings["train multitask"] = time.time() - t
 
-    eval_sets = {tasks[s].name: splits[s].test for s in (config.eval_tasks or config.experts)}
+    # held-in tasks (an expert's own) are evaluated on their test split, the others on a seeded
+    # sample; held-in tasks get the expert trained on them instead of the oracle
+    own = {tasks[s].name: name for s, name in zip(config.experts, library.names)}
+    eval_sets = {tasks[s].name: splits[s].test if s in splits else config.split.held_out(tasks[s])
+                 for s in sources if any(s in ts for ts in suites.values())}
+    held_in = {t: e for t, e in eval_sets.items() if t in own}
+    held_out = {t: e for t, e in eval_sets.items() if t not in own}
     routed = [m for m in config.methods if m != "multitask"]
-    rows = evaluate_methods(base, library, eval_sets, routed, config.eval, work, timings,
-                            top_k=config.top_k, temperature=config.temperature)
+    routed += [f"phatgoose@k{k}" for k in config.top_k_ablation if k != config.top_k]
+    cache = work / "eval"
+    route_key = config_key(lib_key, config.top_k, config.temperature, config.vector_examples)
+    options = {"top_k": config.top_k, "temperature": config.temperature}
+    rows: dict[str, dict] = {}
+    if held_out:
+        rows = evaluate_methods(base, library, held_out, routed, config.eval, work, timings,
+                                cache=cache, cache_key=route_key, **options)
+    if held_in:
+        in_rows = evaluate_methods(base, library, held_in, [m for m in routed if m != "oracle"],
+                                   config.eval, work, timings, cache=cache, cache_key=route_key,
+                                   **options)
+        for task, name in own.items():
+            if task in held_in:
+                in_rows.update(evaluate_methods(
+                    base, library, {task: held_in[task]}, [f"single:{name}"], config.eval, work,
+                    timings, cache=cache, cache_key=route_key, **options))
+        rows[OWN_EXPERT] = _merge_rows(*[{"m": in_rows.pop(f"single:{own[t]}")}
+                                         for t in held_in])["m"]
+        for task in held_in:
+            rows[OWN_EXPERT]["tasks"][task]["expert"] = own[task]
+        rows = _merge_rows(rows, in_rows) | {OWN_EXPERT: rows[OWN_EXPERT]}
     if "multitask" in config.methods:
         t = time.time()
-        results = evaluate_adapter(base, multitask_dir, eval_sets, config.eval)
+        results = _cached_evaluate(
+            cache, config_key(read_json(multitask_dir / EXPERT_META)["cache_key"]), "multitask",
+            eval_sets, config.eval, lambda sets: evaluate_adapter(base, multitask_dir, sets,
+                                                                   config.eval))
         write_predictions(work / "predictions-multitask.jsonl", results)
         rows["multitask"] = summary(results)
         timings["eval multitask"] = time.time() - t
-        order = [ORACLE if m == "oracle" else m for m in config.methods]
-        rows = {m: rows[m] for m in order}
+    order = [ORACLE if m == "oracle" else m for m in routed] + ["multitask", OWN_EXPERT]
+    rows = {m: rows[m] for m in order if m in rows}
+    if config.routing_examples:
+        t = time.time()
+        shares = routing_shares(base, library, eval_sets, config.top_k, config.routing_examples,
+                                config.eval)
+        write_json(work / "routing_shares.json", shares)
+        plot_routing(shares, work, suites={k: [tasks[s].name for s in v]
+                                           for k, v in suites.items()})
+        timings["routing shares"] = time.time() - t
     table = markdown_table(rows)
     result = {"summaries": rows, "timings_s": {k: round(v, 1) for k, v in timings.items()},
-              "table": table}
+              "table": table, "suites": {k: [tasks[s].name for s in v] for k, v in suites.items()}}
     (work / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (work / "results.md").write_text(table + "\n")
     return result
 
 
+OWN_EXPERT = "own expert (held-in: the expert trained on the task)"
+
+
+def _merge_rows(*parts: dict[str, dict]) -> dict[str, dict]:
+    """Merge per-method summaries computed on disjoint task sets."""
+    merged: dict[str, dict] = {}
+    for part in parts:
+        for method, s in part.items():
+            merged.setdefault(method, {"tasks": {}})["tasks"].update(s["tasks"])
+    for s in merged.values():
+        s["average"] = sum(t["accuracy"] for t in s["tasks"].values()) / len(s["tasks"])
+    return merged
+
+
+def _cached_evaluate(
+    cache: Path | None, key: str, method: str, eval_sets: dict[str, list[Example]],
+    config: EvalConfig, run: Callable[[dict[str, list[Example]]], dict[str, TaskResult]],
+) -> dict[str, TaskResult]:
+    """``run`` task by task, each result cached in ``cache/<method>/<task>.json`` under a key of
+    (``key``, method, eval settings, the examples): an interrupted evaluation resumes."""
+    results = {}
+    for task, examples in eval_sets.items():
+        task_key = config_key(key, method, asdict(config),
+                              [(e.input, e.targets, e.choices) for e in examples])
+        path = None
+        if cache is not None:
+            path = cache / method.replace(":", "_").replace("/", ".") / (
+                task.replace("/", ".") + ".json")
+            if _cached(path, "key", task_key):
+                results[task] = TaskResult(**read_json(path)["result"])
+                continue
+        results[task] = run({task: examples})[task]
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(path, {"key": task_key, "result": asdict(results[task])})
+    return results
+
+
 def evaluate_methods(
     base: BaseModel, library: ExpertLibrary | None, eval_sets: dict[str, list[Example]],
     methods: list[str], config: EvalConfig, out: Path | None,
-    timings: dict[str, float] | None = None, **route_options: Any,
+    timings: dict[str, float] | None = None, cache: Path | None = None, cache_key: str = "",
+    **route_options: Any,
 ) -> dict[str, dict]:
     """Evaluate each method ("base", or a routing method over the library, routed with
-    ``route_options`` such as top_k) on the same sets.
+    ``route_options`` such as top_k; "phatgoose@k<K>" overrides top_k) on the same sets.
+    With ``cache``, each (method, task) result is cached (see ``_cached_evaluate``).
 
     "oracle" evaluates every single expert and keeps, per task, the best one: an upper bound
     for choosing one expert per task, which peeks at the test labels (its row says so)."""
@@ -229,7 +318,7 @@ def evaluate_methods(
         singles = [f"single:{n}" for n in library.names if f"single:{n}" not in methods]
         rows = evaluate_methods(base, library, eval_sets,
                                 [m for m in methods if m != "oracle"] + singles, config, out,
-                                timings, **route_options)
+                                timings, cache, cache_key, **route_options)
         rows[ORACLE] = oracle_summary({m: rows[m] for m in rows if m.startswith("single:")})
         for m in singles:  # computed for the oracle, not asked for
             rows.pop(m)
@@ -238,14 +327,20 @@ def evaluate_methods(
     for method in methods:
         t = time.time()
         if method == "retrieval":
-            results = evaluate_retrieval(base, library, eval_sets, config)
+            def run(sets):
+                return evaluate_retrieval(base, library, sets, config)
         else:
-            if method != "base":
-                route(base.model, library, method=method, **route_options)
-            try:
-                results = evaluate(base, eval_sets, config, desc=f"eval {method}")
-            finally:
-                unroute(base.model)
+            def run(sets, method=method):
+                if method == "base":
+                    return evaluate(base, sets, config, desc="eval base")
+                name, _, k = method.partition("@k")
+                options = {**route_options, **({"top_k": int(k)} if k else {})}
+                route(base.model, library, method=name, **options)
+                try:
+                    return evaluate(base, sets, config, desc=f"eval {method}")
+                finally:
+                    unroute(base.model)
+        results = _cached_evaluate(cache, cache_key, method, eval_sets, config, run)
         rows[method] = summary(results)
         if out is not None:
             write_predictions(out / f"predictions-{method.replace(':', '_')}.jsonl", results)

@@ -206,7 +206,14 @@ def markdown_table(rows: dict[str, dict]) -> str:
 
 
 def write_predictions(path: Path | str, results: dict[str, TaskResult]) -> None:
-    with Path(path).open("w") as f:
+    """Write (or update: other tasks' lines are kept) per-example predictions as JSON lines."""
+    path = Path(path)
+    kept = []
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines()
+                if json.loads(line)["task"] not in results]
+    with path.open("w") as f:
+        f.writelines(line + "\n" for line in kept)
         for name, r in results.items():
             for i, p in enumerate(r.predictions):
                 f.write(json.dumps({"task": name, "index": i, **p}) + "\n")

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import torch
 
-from phatgoose.eval.evaluate import ORACLE
 from phatgoose.eval.stats import average_ci, bootstrap_ci, paired_bootstrap
 
 
 def _correct(work: Path, rows: dict, method: str, task: str) -> list[float]:
-    if method == ORACLE:  # the oracle's examples are those of the best single expert
-        method = "single:" + rows[ORACLE]["tasks"][task]["expert"]
+    if "expert" in rows[method]["tasks"][task]:  # oracle / own expert: that single expert's
+        method = "single:" + rows[method]["tasks"][task]["expert"]
     path = work / f"predictions-{method.replace(':', '_')}.jsonl"
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     return [float(p["correct"]) for p in lines if p["task"] == task]
@@ -28,50 +27,82 @@ def _cell(ci: tuple[float, float, float], signed: bool = False) -> str:
     return f"{fmt.format(ci[0])} [{fmt.format(ci[1])}, {fmt.format(ci[2])}]"
 
 
-def write_report(work: Path | str, result: dict, title: str, command: str,
-                 reference: str = "phatgoose") -> Path:
-    """Write ``report.md`` and ``results.csv`` into the run folder; returns the report path."""
-    work = Path(work)
-    rows = result["summaries"]
-    tasks = list(next(iter(rows.values()))["tasks"])
+def _suite_tables(work: Path, rows: dict, tasks: list[str], reference: str) -> list[str]:
+    rows = {m: r for m, r in rows.items() if all(t in r["tasks"] for t in tasks)}
     correct = {(m, t): _correct(work, rows, m, t) for m in rows for t in tasks}
-    lines = [
-        f"# {title}", "",
-        f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, {platform.processor() or platform.platform()}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}  ",
-        f"Date: {time.strftime('%Y-%m-%d')}", "",
-        "## Accuracy (95% bootstrap interval over examples)", "",
-        "| method | " + " | ".join(tasks) + " | average |",
-        "|---|" + "---:|" * (len(tasks) + 1),
-    ]
-    with (work / "results.csv").open("w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow(["method", "task", "n", "accuracy", "low", "high"])
-        for m in rows:
-            cells = []
-            for t in tasks:
-                ci = bootstrap_ci(correct[m, t])
-                out.writerow([m, t, len(correct[m, t]), *[round(v, 4) for v in ci]])
-                cells.append(_cell(ci))
-            average = average_ci([correct[m, t] for t in tasks])
-            out.writerow([m, "average", "", *[round(v, 4) for v in average]])
-            lines.append(f"| {m} | " + " | ".join(cells) + f" | {_cell(average)} |")
+    lines = ["Accuracy (95% bootstrap interval over examples):", "",
+             "| method | " + " | ".join(tasks) + " | average |",
+             "|---|" + "---:|" * (len(tasks) + 1)]
+    for m in rows:
+        cells = [_cell(bootstrap_ci(correct[m, t])) for t in tasks]
+        average = average_ci([correct[m, t] for t in tasks])
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {_cell(average)} |")
     if reference in rows and len(rows) > 1:
-        lines += ["", f"## {reference} minus each method (paired bootstrap, same examples)", "",
+        lines += ["", f"{reference} minus each method (paired bootstrap, same examples):", "",
                   "| method | " + " | ".join(tasks) + " | average |",
                   "|---|" + "---:|" * (len(tasks) + 1)]
         for m in rows:
             if m == reference:
                 continue
-            diffs = {t: [a - b for a, b in zip(correct[reference, t], correct[m, t])]
-                     for t in tasks}
+            diffs = [[a - b for a, b in zip(correct[reference, t], correct[m, t])]
+                     for t in tasks]
             cells = [_cell(paired_bootstrap(correct[reference, t], correct[m, t]), True)
                      for t in tasks]
-            average = average_ci([diffs[t] for t in tasks])
-            lines.append(f"| {m} | " + " | ".join(cells) + f" | {_cell(average, True)} |")
+            lines.append(f"| {m} | " + " | ".join(cells)
+                         + f" | {_cell(average_ci(diffs), True)} |")
+    return lines
+
+
+def _csv_rows(work: Path, rows: dict, suites: dict[str, list[str]]) -> list[list]:
+    out = []
+    for suite, tasks in suites.items():
+        for m, r in rows.items():
+            for t in tasks:
+                if t in r["tasks"]:
+                    c = _correct(work, rows, m, t)
+                    out.append([suite, m, t, len(c), *[round(v, 4) for v in bootstrap_ci(c)]])
+    return out
+
+
+def write_report(work: Path | str, result: dict, title: str, command: str,
+                 reference: str = "phatgoose") -> Path:
+    """Write ``report.md`` and ``results.csv`` into the run folder; returns the report path.
+
+    One section per evaluation suite (``result["suites"]``): accuracy with 95% bootstrap
+    intervals, paired intervals for ``reference`` minus each method; for held-in tasks, whether
+    each expert beats the base model on its own task; stage timings; routing plots if made."""
+    work = Path(work)
+    rows = result["summaries"]
+    suites = result.get("suites") or {"evaluation": list(next(iter(rows.values()))["tasks"])}
+    lines = [
+        f"# {title}", "",
+        f"Command: `{command}`  ",
+        f"Machine: {platform.machine()}, {platform.processor() or platform.platform()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}  ",
+        f"Date: {time.strftime('%Y-%m-%d')}",
+    ]
+    for suite, tasks in suites.items():
+        lines += ["", f"## {suite}", ""] + _suite_tables(work, rows, tasks, reference)
+    own = next((m for m in rows if m.startswith("own expert")), None)
+    if own and "base" in rows:
+        lines += ["", "## Does each expert beat the base model on its own task?", "",
+                  "| task | base | own expert | own expert - base (paired 95% interval) | "
+                  "learned |", "|---|---:|---:|---:|---|"]
+        for task in rows[own]["tasks"]:
+            a, b = _correct(work, rows, own, task), _correct(work, rows, "base", task)
+            diff = paired_bootstrap(a, b)
+            lines.append(f"| {task} | {sum(b) / len(b):.3f} | {sum(a) / len(a):.3f} | "
+                         f"{_cell(diff, True)} | {'yes' if diff[1] > 0 else 'no'} |")
+    for png, caption in (("routing_heatmap.png", "PHATGOOSE routing share per task and expert"),
+                         ("routing_layers.png", "PHATGOOSE routing share by layer")):
+        if (work / png).exists():
+            lines += ["", f"![{caption}]({png})"]
     lines += ["", "## Stage timings (seconds)", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in result["timings_s"].items()]
+    with (work / "results.csv").open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["suite", "method", "task", "n", "accuracy", "low", "high"])
+        out.writerows(_csv_rows(work, rows, suites))
     path = work / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
