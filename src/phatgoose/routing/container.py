@@ -19,7 +19,7 @@ GATHER_MAX_PAIRS = 64
 class RoutedLinear(nn.Module):
     """y = base(x) + sum_e w_e(x) * s_e * B_e A_e x, with w = router(x) of shape (..., E).
 
-    The experts are stacked once, at construction, pre-scaled: ``lora_A`` (E, d_in, r) and
+    The experts are stacked once, at construction, pre-scaled: ``lora_A`` (E, r, d_in) and
     ``lora_B`` (E, r, d_out); experts of lower rank are zero-padded (which changes nothing).
 
     Two paths compute the same thing:
@@ -40,11 +40,11 @@ class RoutedLinear(nn.Module):
         d_in, d_out = linear_dims(base)
         rank = max(e.A.shape[0] for e in experts)
         dtype = next(base.parameters()).dtype
-        A = torch.zeros(len(experts), d_in, rank, dtype=dtype)
+        A = torch.zeros(len(experts), rank, d_in, dtype=dtype)
         B = torch.zeros(len(experts), rank, d_out, dtype=dtype)
         for i, e in enumerate(experts):
             r = e.A.shape[0]
-            A[i, :, :r] = e.A.T
+            A[i, :r] = e.A
             B[i, :r] = (e.B.float() * e.scaling).T
         self.num_experts, self.rank, self.d_out = len(experts), rank, d_out
         self.register_buffer("lora_A", A, persistent=False)
@@ -64,7 +64,7 @@ class RoutedLinear(nn.Module):
 
     def dense_delta(self, x: Tensor) -> Tensor:
         weights = self.router(x).to(x.dtype)  # (..., E)
-        hidden = torch.einsum("...d,edr->...er", x, self.lora_A) * weights.unsqueeze(-1)
+        hidden = torch.einsum("...d,erd->...er", x, self.lora_A) * weights.unsqueeze(-1)
         return torch.einsum("...er,ero->...o", hidden, self.lora_B)
 
     def projection(self, x: Tensor) -> Tensor:
@@ -81,17 +81,21 @@ class RoutedLinear(nn.Module):
         n, k = experts.shape
         weights = weights.to(x.dtype)
         if n * k <= GATHER_MAX_PAIRS:  # few tokens: gather the chosen experts' factors
-            hidden = torch.einsum("nd,nkdr->nkr", flat_x, self.lora_A[experts])
-            delta = torch.einsum("nkr,nkro->no", hidden * weights.unsqueeze(-1),
-                                 self.lora_B[experts])
-            return out + delta.view(out.shape)
+            pairs = experts.reshape(-1)
+            A = self.lora_A.index_select(0, pairs).view(n, k * self.rank, -1)
+            hidden = torch.bmm(A, flat_x.unsqueeze(-1)).view(n, k, self.rank)
+            hidden = (hidden * weights.unsqueeze(-1)).view(n, 1, k * self.rank)
+            B = self.lora_B.index_select(0, pairs).view(n, k * self.rank, self.d_out)
+            flat_out += torch.bmm(hidden, B).view(n, self.d_out)  # the bmm sums over the k
+            return out
         # many tokens: (token, slot) pairs sorted by expert, one grouped matmul per factor,
         # each pair's output added into its token's row
         pair_expert = experts.reshape(-1)
         order = pair_expert.argsort(stable=True)
         token = order // k
         ends = torch.bincount(pair_expert, minlength=self.num_experts).cumsum(0)
-        hidden = grouped_matmul(flat_x.index_select(0, token), self.lora_A, ends)
+        hidden = grouped_matmul(flat_x.index_select(0, token), self.lora_A.transpose(1, 2),
+                                ends)
         hidden = hidden * weights.reshape(-1, 1).index_select(0, order)
         flat_out.index_add_(0, token, grouped_matmul(hidden, self.lora_B, ends))
         return out

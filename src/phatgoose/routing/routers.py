@@ -54,11 +54,11 @@ class PhatgooseRouter(nn.Module):
         return x.float() @ self.vectors.T
 
     def scores_from(self, projection: Tensor, x: Tensor) -> Tensor:
-        x = x.float()
-        mean = x.mean(dim=-1, keepdim=True)  # E[x^2] - E[x]^2: ~9x faster than var() on CPU
-        variance = (x * x).mean(dim=-1, keepdim=True) - mean * mean
-        inv_sigma = torch.rsqrt(variance.clamp_min(0) + self.eps)
-        return projection * (inv_sigma / math.sqrt(self.vectors.shape[-1]))
+        d = x.shape[-1]
+        # 1 / sigma_x from LayerNorm's own kernel (one op; var() is ~5x slower on CPU)
+        inv_sigma = torch.native_layer_norm(x.float().reshape(-1, d), [d], None, None,
+                                            self.eps)[2].view(*x.shape[:-1], 1)
+        return projection * (inv_sigma * (1 / math.sqrt(d)))
 
     def scores(self, x: Tensor) -> Tensor:
         return self.scores_from(self.project(x), x)
