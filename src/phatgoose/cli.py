@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", nargs="+", required=True, help="tasks to evaluate")
     p.add_argument("--method", nargs="+", default=["base", "phatgoose"],
                    help="base, phatgoose, average-activation, retrieval, arrow, uniform, "
-                   "merged-delta, merged-factors, single:<expert>, oracle "
+                   "merged-delta, merged-factors, single:<expert>, oracle, phatgoose@k<K> "
                    "(default: base phatgoose)")
     p.add_argument("--top-k", type=int, default=2, help="experts per token (default: 2)")
     p.add_argument("--temperature", type=float, default=1.0,

@@ -334,6 +334,9 @@ def evaluate_methods(
                 if method == "base":
                     return evaluate(base, sets, config, desc="eval base")
                 name, _, k = method.partition("@k")
+                if k and not k.isdigit():
+                    raise PhatgooseError(f"bad method {method!r}: write phatgoose@k<number>, "
+                                         "e.g. phatgoose@k1")
                 options = {**route_options, **({"top_k": int(k)} if k else {})}
                 route(base.model, library, method=name, **options)
                 try:
