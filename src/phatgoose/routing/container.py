@@ -122,7 +122,7 @@ class SharedProjection:
     """
 
     def __init__(self, members: list[RoutedLinear]) -> None:
-        self.vectors = torch.cat([m.router.vectors for m in members])
+        self.vectors = torch.cat([m.router.vectors.float() for m in members])
         self.sizes = [m.router.vectors.shape[0] for m in members]
         self.routers = [m.router for m in members]
         self._key: tuple[int, int] | None = None

@@ -51,7 +51,7 @@ class PhatgooseRouter(nn.Module):
 
     def project(self, x: Tensor) -> Tensor:
         """x . v~_i for every expert: (..., E)."""
-        return x.float() @ self.vectors.T
+        return x.float() @ self.vectors.float().T  # fp32 even if the model was cast
 
     def scores_from(self, projection: Tensor, x: Tensor) -> Tensor:
         d = x.shape[-1]
@@ -106,7 +106,7 @@ class ArrowRouter(nn.Module):
         self.register_buffer("vectors", prototypes.float())
 
     def project(self, x: Tensor) -> Tensor:
-        return x.float() @ self.vectors.T
+        return x.float() @ self.vectors.float().T  # fp32 even if the model was cast
 
     def select(self, projection: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         return top_k_weights(projection.abs() / self.temperature, self.top_k)
