@@ -17,6 +17,7 @@ from phatgoose.library.expert import LoraWeights
 from phatgoose.routing import PhatgooseRouter, RoutedLinear
 
 
+@torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -81,7 +81,8 @@ def synthetic_experts(model, experts: int, seed: int = 1) -> dict[str, list[Lora
 def route_synthetic(model, loras: dict[str, list[LoraWeights]], method: str) -> None:
     generator = torch.Generator().manual_seed(2)
     device = model.lm_head.weight.device
-    for name, weights in loras.items():
+    for name in list(loras):  # popped as stacked: the experts are in memory once, as in route()
+        weights = loras.pop(name)
         base = model.get_submodule(name)
         if method == "arrow":
             router = ArrowRouter(torch.stack([top_right_singular_vector(w.A, w.B)
@@ -90,7 +91,7 @@ def route_synthetic(model, loras: dict[str, list[LoraWeights]], method: str) -> 
             router = PhatgooseRouter(torch.randn(len(weights), weights[0].A.shape[1],
                                                  generator=generator), TOP_K)
         set_module(model, name, RoutedLinear(base, weights, router).to(device))
-    share_projections({n: model.get_submodule(n) for n in loras})
+    share_projections({n: m for n, m in model.named_modules() if isinstance(m, RoutedLinear)})
 
 
 def set_path(model, path: str) -> None:

@@ -74,7 +74,7 @@ class RoutedLinear(nn.Module):
         return self.router.project(x)
 
     def sparse_forward(self, x: Tensor) -> Tensor:
-        out = self.base(x)
+        out = self.base(x).contiguous()  # added into in place, through a flat view
         flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1, self.d_out)
         weights, experts = self.router.select(self.projection(x).reshape(flat_x.shape[0], -1),
                                               flat_x)
@@ -82,7 +82,7 @@ class RoutedLinear(nn.Module):
         weights = weights.to(x.dtype)
         if n * k <= GATHER_MAX_PAIRS:  # few tokens: gather the chosen experts' factors
             pairs = experts.reshape(-1)
-            A = self.lora_A.index_select(0, pairs).view(n, k * self.rank, -1)
+            A = self.lora_A.index_select(0, pairs).view(n, k * self.rank, flat_x.shape[-1])
             hidden = torch.bmm(A, flat_x.unsqueeze(-1)).view(n, k, self.rank)
             hidden = (hidden * weights.unsqueeze(-1)).view(n, 1, k * self.rank)
             B = self.lora_B.index_select(0, pairs).view(n, k * self.rank, self.d_out)
