@@ -12,6 +12,7 @@ from torch import nn
 from phatgoose.library import ExpertLibrary
 from phatgoose.routing import (
     ArrowRouter,
+    FixedWeights,
     LoraWeights,
     PhatgooseRouter,
     RoutedLinear,
@@ -55,7 +56,8 @@ def test_sparse_path_equals_dense_reference(kind, top_k, tokens):
     router = PhatgooseRouter(vectors, top_k) if kind == "phatgoose" else ArrowRouter(
         vectors, top_k, temperature=0.5)
     layer = RoutedLinear(nn.Linear(d_in, d_out), weights, router)
-    assert layer.path == "sparse"
+    assert layer.path == "dense"  # the default for so few experts
+    layer.path = "sparse"
     x = torch.randn(tokens, d_in)
     assert (tokens * top_k <= container.GATHER_MAX_PAIRS) == (tokens == 3)
     sparse = layer(x)
@@ -72,10 +74,20 @@ def test_sparse_path_equals_dense_reference(kind, top_k, tokens):
     assert ((chosen > 0).sum(-1) == top_k).all()
 
 
+def test_default_path_is_sparse_above_dense_max_experts():
+    many = container.DENSE_MAX_EXPERTS + 1
+    make = lambda n, router: RoutedLinear(nn.Linear(8, 6), experts(8, 6, [2] * n), router)  # noqa: E731
+    assert make(many, PhatgooseRouter(torch.randn(many, 8), 2)).path == "sparse"
+    assert make(many, ArrowRouter(torch.randn(many, 8), 2)).path == "sparse"
+    assert make(many - 1, PhatgooseRouter(torch.randn(many - 1, 8), 2)).path == "dense"
+    assert make(many, FixedWeights(torch.full((many,), 1 / many))).path == "dense"
+
+
 def test_sparse_path_keeps_batch_shape_and_dtype():
     torch.manual_seed(1)
     layer = RoutedLinear(nn.Linear(8, 6), experts(8, 6, [2, 2, 2]),
                          PhatgooseRouter(torch.randn(3, 8), 2))
+    layer.path = "sparse"
     x = torch.randn(2, 40, 8)
     out = layer(x)
     assert out.shape == (2, 40, 6) and out.dtype == torch.float32
@@ -97,10 +109,13 @@ def test_grouped_matmul_and_its_fallback_equal_a_loop(monkeypatch):
     torch.testing.assert_close(grouped_matmul(x, w, ends), expected)
 
 
-def test_shared_projection_reuses_one_matmul_only_for_the_same_input():
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+def test_shared_projection_reuses_one_matmul_only_for_the_same_input(path):
     torch.manual_seed(3)
     layers = [RoutedLinear(nn.Linear(8, 5), experts(8, 5, [2, 2, 2]),
                            PhatgooseRouter(torch.randn(3, 8), 2)) for _ in range(3)]
+    for layer in layers:
+        layer.path = path
     x, y = torch.randn(4, 8), torch.randn(4, 8)
     own = [layer(x) for layer in layers]
     own_y = layers[2](y)
@@ -125,9 +140,10 @@ def test_routed_llama_shares_qkv_and_gate_up_and_matches_dense(llama, tmp_path):
     n_layers = llama.model.config.num_hidden_layers
     assert len(groups) == 2 * n_layers  # q/k/v and gate/up in every layer
     assert all(m.shared is None for n, m in modules.items() if n.endswith(("o_proj", "down_proj")))
-    sparse = llama.model(ids).logits
-    for m in modules.values():
-        m.path = "dense"
+    assert all(m.path == "dense" for m in modules.values())  # 5 experts: dense by default
     dense = llama.model(ids).logits
+    for m in modules.values():
+        m.path = "sparse"
+    sparse = llama.model(ids).logits
     unroute(llama.model)
     torch.testing.assert_close(sparse, dense, atol=1e-4 * float(dense.abs().max()), rtol=0)
