@@ -76,7 +76,8 @@ def plot_routing(shares: dict, out: Path, suites: dict[str, list[str]] | None = 
     tasks = list(dict.fromkeys(order + list(shares["tasks"])))
     per_module = {t: torch.tensor([shares["tasks"][t][m] for m in modules]) for t in tasks}
     grid = torch.stack([per_module[t].mean(0) for t in tasks]).numpy()
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(experts), 1.5 + 0.35 * len(tasks)))
+    fig, ax = plt.subplots(figsize=(max(6.5, 3.0 + 0.55 * len(experts)),
+                                    max(4.0, 2.8 + 0.35 * len(tasks))))
     image = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=0)
     ax.set_xticks(range(len(experts)), experts, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
@@ -85,7 +86,7 @@ def plot_routing(shares: dict, out: Path, suites: dict[str, list[str]] | None = 
             ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=5,
                     color="white" if grid[i, j] < grid.max() / 2 else "black")
     ax.set_xlabel("expert")
-    ax.set_title("PHATGOOSE: share of routing weight (mean over tokens and modules)", fontsize=9)
+    ax.set_title("PHATGOOSE: share of routing weight\n(mean over tokens and modules)", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.03)
     fig.tight_layout()
     fig.savefig(out / "routing_heatmap.png", dpi=130)
