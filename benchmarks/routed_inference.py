@@ -140,6 +140,7 @@ def one(experts: int, args) -> dict:
         start = time.perf_counter()
         route_synthetic(model, synthetic_experts(model, experts), "phatgoose")
         result["route_s"] = time.perf_counter() - start
+        set_path(model, "sparse")  # measured at every E, also where dense is the default
         result["library_gib"] = sum(
             b.numel() * b.element_size() for m in model.modules() if isinstance(m, RoutedLinear)
             for b in (m.lora_A, m.lora_B, m.router.vectors)) / 2**30

@@ -229,11 +229,9 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
                 in_rows.update(evaluate_methods(
                     base, library, {task: held_in[task]}, [f"single:{name}"], config.eval, work,
                     timings, cache=cache, cache_key=route_key, **options))
-        rows[OWN_EXPERT] = _merge_rows(*[{"m": in_rows.pop(f"single:{own[t]}")}
-                                         for t in held_in])["m"]
-        for task in held_in:
-            rows[OWN_EXPERT]["tasks"][task]["expert"] = own[task]
-        rows = _merge_rows(rows, in_rows) | {OWN_EXPERT: rows[OWN_EXPERT]}
+        own_tasks = {t: {**in_rows.pop(f"single:{own[t]}")["tasks"][t], "expert": own[t]}
+                     for t in held_in}
+        rows = _merge_rows(rows, in_rows, {OWN_EXPERT: {"tasks": own_tasks}})
     if "multitask" in config.methods:
         t = time.time()
         results = _cached_evaluate(

@@ -31,7 +31,7 @@ def routing_shares(
 
     def recorder(name: str):
         def hook(module, inputs, output):
-            weights = module.router(inputs[0]).reshape(-1, module.num_experts).float()
+            weights = module.mixing_weights(inputs[0]).reshape(-1, module.num_experts).float()
             totals[name] += weights.sum(0).cpu()
             tokens[name] += weights.shape[0]
         return hook

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from phatgoose.library.expert import LoraWeights
 from phatgoose.models import linear_dims
+from phatgoose.routing.routers import TopKRouter
 
 # Below this many (token, expert) pairs the sparse path gathers the chosen experts' factors
 # (decoding); above it, pairs are sorted by expert and run as grouped matmuls (prefill).
@@ -31,7 +32,7 @@ class RoutedLinear(nn.Module):
       training; the default for top-k routers up to ``DENSE_MAX_EXPERTS`` experts): every
       expert's r hidden units, scaled by its weight; one concatenated LoRA of rank E r. Never
       forms a tokens x experts x d_out tensor.
-    - ``sparse`` (top-k routers, those with ``project``/``select``, above that many experts):
+    - ``sparse`` (``TopKRouter``s, above that many experts):
       only the k chosen experts run per token: k r (d_in + d_out) multiply-adds per token.
     Top-k routers project the input with one matmul, shared with sibling modules that read the
     same input (see ``SharedProjection``).
@@ -55,7 +56,7 @@ class RoutedLinear(nn.Module):
         self.num_experts, self.rank, self.d_out = len(experts), rank, d_out
         self.register_buffer("lora_A", A, persistent=False)
         self.register_buffer("lora_B", B, persistent=False)
-        sparse = hasattr(router, "select") and len(experts) > DENSE_MAX_EXPERTS
+        sparse = isinstance(router, TopKRouter) and len(experts) > DENSE_MAX_EXPERTS
         self.path: Literal["sparse", "dense"] = "sparse" if sparse else "dense"
         self.shared: tuple[SharedProjection, int] | None = None
 
@@ -71,11 +72,9 @@ class RoutedLinear(nn.Module):
 
     def mixing_weights(self, x: Tensor) -> Tensor:
         """The router's weights (..., E), zero for experts it does not use."""
-        if not hasattr(self.router, "select"):
+        if not isinstance(self.router, TopKRouter):
             return self.router(x)
-        weights, experts = self.router.select(self.projection(x), x)
-        return torch.zeros(*x.shape[:-1], self.num_experts, device=x.device,
-                           dtype=weights.dtype).scatter(-1, experts, weights)
+        return self.router.dense_weights(self.projection(x), x)
 
     def dense_delta(self, x: Tensor) -> Tensor:
         weights = self.mixing_weights(x).to(x.dtype)  # (..., E)
@@ -139,7 +138,6 @@ class SharedProjection:
     def __init__(self, members: list[RoutedLinear]) -> None:
         self.vectors = torch.cat([m.router.vectors.float() for m in members])
         self.sizes = [m.router.vectors.shape[0] for m in members]
-        self.routers = [m.router for m in members]
         self._key: tuple[int, int] | None = None
         self._input: Tensor | None = None
         self._parts: list[Tensor] = []
@@ -177,7 +175,7 @@ def share_projections(modules: dict[str, RoutedLinear]) -> list[SharedProjection
         by_parent: dict[str, list[RoutedLinear]] = {}
         for name, module in modules.items():
             parent, _, child = name.rpartition(".")
-            if child in siblings and hasattr(module.router, "select"):
+            if child in siblings and isinstance(module.router, TopKRouter):
                 by_parent.setdefault(parent, []).append(module)
         for members in by_parent.values():
             if len(members) > 1 and len({m.router.vectors.shape[1] for m in members}) == 1:

@@ -19,20 +19,44 @@ def standardise(t: Tensor, eps: float = 1e-5) -> Tensor:
     return F.layer_norm(t, t.shape[-1:], eps=eps)
 
 
-def top_k_softmax(scores: Tensor, k: int) -> Tensor:
-    """Dense weights: softmax over the k highest scores of each row, zero elsewhere."""
-    k = min(k, scores.shape[-1])
-    values, indices = scores.topk(k, dim=-1)
-    return torch.zeros_like(scores).scatter(-1, indices, values.softmax(dim=-1))
-
-
 def top_k_weights(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Sparse form of ``top_k_softmax``: (weights, indices), each (..., k), in fp32."""
+    """Softmax over the k highest scores of each row: (weights, indices), each (..., k), fp32."""
     values, indices = scores.float().topk(min(k, scores.shape[-1]), dim=-1)
     return values.softmax(dim=-1), indices
 
 
-class PhatgooseRouter(nn.Module):
+def top_k_softmax(scores: Tensor, k: int) -> Tensor:
+    """Dense form of ``top_k_weights``: (..., E), zero outside each row's top k."""
+    weights, indices = top_k_weights(scores, k)
+    return torch.zeros_like(scores, dtype=weights.dtype).scatter(-1, indices, weights)
+
+
+class TopKRouter(nn.Module):
+    """A router that scores the E experts from one matmul of the input with its ``vectors``
+    (E, d_in) (``project``, which routed modules may share, see ``SharedProjection``) and keeps
+    the top k (``select``, defined by each router)."""
+
+    vectors: Tensor
+    top_k: int
+
+    def project(self, x: Tensor) -> Tensor:
+        """x . v_i for every expert: (..., E), in fp32 even if the model was cast."""
+        return x.float() @ self.vectors.float().T
+
+    def select(self, projection: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(weights, expert indices), each (..., k), from ``project(x)``."""
+        raise NotImplementedError
+
+    def dense_weights(self, projection: Tensor, x: Tensor) -> Tensor:
+        """``select``'s weights as (..., E), zero for the experts not chosen."""
+        weights, indices = self.select(projection, x)
+        return torch.zeros_like(projection).scatter(-1, indices, weights)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dense_weights(self.project(x), x)
+
+
+class PhatgooseRouter(TopKRouter):
     """PHATGOOSE routing: s_i = LN(x) . LN(v_i) / sqrt(d_in); top-k; softmax over the k.
 
     ``vectors`` (E, d_in) are the experts' trained gates (or any other routing vectors, e.g.
@@ -49,10 +73,6 @@ class PhatgooseRouter(nn.Module):
         self.eps = eps
         self.register_buffer("vectors", standardise(vectors.float(), eps))
 
-    def project(self, x: Tensor) -> Tensor:
-        """x . v~_i for every expert: (..., E)."""
-        return x.float() @ self.vectors.float().T  # fp32 even if the model was cast
-
     def scores_from(self, projection: Tensor, x: Tensor) -> Tensor:
         d = x.shape[-1]
         # 1 / sigma_x from LayerNorm's own kernel (one op; var() is ~5x slower on CPU)
@@ -64,11 +84,7 @@ class PhatgooseRouter(nn.Module):
         return self.scores_from(self.project(x), x)
 
     def select(self, projection: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(weights, expert indices), each (..., k), from ``project(x)``."""
         return top_k_weights(self.scores_from(projection, x), self.top_k)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return top_k_softmax(self.scores(x), self.top_k)
 
 
 class SigmoidGate(nn.Module):
@@ -94,7 +110,7 @@ class FixedWeights(nn.Module):
         return self.weights.expand(*x.shape[:-1], -1)
 
 
-class ArrowRouter(nn.Module):
+class ArrowRouter(TopKRouter):
     """Arrow (Ostapenko et al., 2024): score |x . p_i| with p_i the top right singular vector of
     expert i's B A; softmax over the top k of score / temperature. Training-free."""
 
@@ -105,14 +121,8 @@ class ArrowRouter(nn.Module):
         self.top_k, self.temperature = top_k, temperature
         self.register_buffer("vectors", prototypes.float())
 
-    def project(self, x: Tensor) -> Tensor:
-        return x.float() @ self.vectors.float().T  # fp32 even if the model was cast
-
     def select(self, projection: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         return top_k_weights(projection.abs() / self.temperature, self.top_k)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return top_k_softmax(self.project(x).abs() / self.temperature, self.top_k)
 
 
 def top_right_singular_vector(A: Tensor, B: Tensor) -> Tensor:
