@@ -1,6 +1,7 @@
 """Expert and gate training: what changes, what must not, and stopping on a NaN loss."""
 
 import hashlib
+import random
 
 import pytest
 import torch
@@ -8,8 +9,10 @@ from conftest import toy_examples
 from peft import PeftModel
 
 import phatgoose.experts.loop as loop
+from phatgoose.data.encode import Encoded
 from phatgoose.errors import TrainingDivergedError
 from phatgoose.experts import ExpertConfig, GateConfig, train_expert, train_gate
+from phatgoose.experts.loop import batches
 from phatgoose.library import load_gates, load_lora, load_metadata
 from phatgoose.routing import RoutedLinear
 
@@ -103,3 +106,21 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(llama, tmp_path, monk
     assert meta["metrics"]["diverged_at"] == 4 and meta["metrics"]["best_step"] == 3
     assert all(w.A.isfinite().all() and w.B.isfinite().all()
                for w in load_lora(tmp_path / "e").values())
+
+
+def test_length_windows_see_every_example_once_per_epoch_and_pad_less():
+    lengths = [random.Random(i).randint(5, 200) for i in range(96)]
+    data = [Encoded([0] * n, [0] * n) for n in lengths]
+
+    def epoch(window: int) -> list[list[Encoded]]:
+        stream = batches(data, 8, seed=3, window=window)
+        return [next(stream) for _ in range(len(data) // 8)]
+
+    def padded(bs: list[list[Encoded]]) -> int:
+        return sum(8 * max(len(e.input_ids) for e in b) for b in bs)
+
+    for window in (1, 4):
+        seen = sorted(id(e) for b in epoch(window) for e in b)
+        assert seen == sorted(id(e) for e in data)  # each example exactly once per epoch
+    assert padded(epoch(4)) < 0.8 * padded(epoch(1))
+    assert epoch(4) == epoch(4)  # deterministic from the seed

@@ -35,6 +35,8 @@ class TrainConfig:
     max_input_tokens: int = 512
     max_target_tokens: int = 512
     bf16: bool = False  # bf16 autocast (CPU with AMX, or CUDA)
+    length_window: int = 32  # batches drawn per window whose examples are sorted by length
+    # before cutting, so a batch pads little (1: plain shuffled batches)
     seed: int = 42
 
     def to_dict(self) -> dict:
@@ -56,17 +58,29 @@ def autocast(enabled: bool, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def batches(data: list[Encoded], size: int, seed: int) -> Iterator[list[Encoded]]:
-    """Endless shuffled batches, reshuffled every epoch, deterministic from the seed."""
+def batches(
+    data: list[Encoded], size: int, seed: int, window: int = 1
+) -> Iterator[list[Encoded]]:
+    """Endless shuffled batches, reshuffled every epoch, deterministic from the seed.
+
+    With ``window`` > 1, each run of ``window * size`` shuffled examples is sorted by length,
+    cut into batches and the batches shuffled: every example is still seen once per epoch, but
+    a batch holds examples of similar length and wastes little compute on padding."""
     rng = random.Random(seed)
     order: list[int] = []
+    ready: list[list[int]] = []
     while True:
-        if len(order) < size:
-            fresh = list(range(len(data)))
-            rng.shuffle(fresh)
-            order += fresh
-        yield [data[i] for i in order[:size]]
-        order = order[size:]
+        if not ready:
+            while len(order) < size * window:
+                fresh = list(range(len(data)))
+                rng.shuffle(fresh)
+                order += fresh
+            chunk, order = order[: size * window], order[size * window :]
+            if window > 1:
+                chunk.sort(key=lambda i: len(data[i].input_ids))
+            ready = [chunk[i : i + size] for i in range(0, len(chunk), size)]
+            rng.shuffle(ready)
+        yield [data[i] for i in ready.pop()]
 
 
 @torch.no_grad()
@@ -76,6 +90,7 @@ def validation_loss(
     """Token-weighted mean NLL of the targets."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
+    data = sorted(data, key=lambda e: len(e.input_ids))  # similar lengths pad little
     for i in range(0, len(data), config.batch_size):
         batch = {k: v.to(device) for k, v in collate(data[i : i + config.batch_size], pad_id,
                                                       seq2seq).items()}
@@ -114,7 +129,7 @@ def train(
     snapshot = {k: p.detach().clone() for k, p in params.items()}  # last good parameters
     best, best_loss, best_step = dict(snapshot), None, 0
     diverged_at, started = None, time.time()
-    stream = batches(train_data, config.batch_size, config.seed)
+    stream = batches(train_data, config.batch_size, config.seed, config.length_window)
     model.train()
     bar = tqdm(range(1, config.steps + 1), desc=desc, unit="step", dynamic_ncols=True)
     step = 0
