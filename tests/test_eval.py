@@ -92,7 +92,8 @@ def test_shared_prompt_scores_equal_full_forward_scores(llama, tmp_path):
     for routed in (False, True):
         if routed:
             route(llama.model, ExpertLibrary.build(tmp_path / "lib", dirs), top_k=2)
-        shared = choice_nll(llama, examples, EvalConfig(share_prompt=True))
         full = choice_nll(llama, examples, EvalConfig(share_prompt=False, batch_size=2))
-        for s, f in zip(shared, full):
-            assert s == __import__("pytest").approx(f, abs=1e-4)
+        for batch_size in (1, 2, 16):  # prompts of different lengths share a left-padded batch
+            shared = choice_nll(llama, examples, EvalConfig(batch_size=batch_size))
+            for s, f in zip(shared, full):
+                assert s == __import__("pytest").approx(f, abs=1e-4)

@@ -6,6 +6,7 @@ decodes greedily and compares the first generated line, whitespace-normalised, t
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 from dataclasses import dataclass, field
@@ -52,54 +53,98 @@ def choice_nll(base: BaseModel, examples: list[Example], config: EvalConfig) -> 
     """Mean per-token NLL of every choice of every example (lower is better)."""
     params = inspect.signature(base.model.forward).parameters
     if config.share_prompt and not base.is_seq2seq and "logits_to_keep" in params:
-        return [_shared_prompt_nll(base, e, config) for e in
-                tqdm(examples, desc="scoring", unit="example", leave=False, dynamic_ncols=True)]
+        return _shared_prompt_nll(base, examples, config)
     return _full_forward_nll(base, examples, config)
 
 
-def _shared_prompt_nll(base: BaseModel, example: Example, config: EvalConfig) -> list[float]:
-    """One causal forward over the prompt, whose KV cache then serves all choices at once.
+def _shared_prompt_nll(
+    base: BaseModel, examples: list[Example], config: EvalConfig
+) -> list[list[float]]:
+    """Score choices from the KV cache of their prompt: ``batch_size`` prompts of similar
+    length per forward (left-padded, positions counted from each prompt's first token), then
+    every choice of those examples in one more forward on the cache.
 
-    Exact: each token is routed on its own, so the cached keys and values are the ones a full
-    forward would compute."""
-    tok, model = base.tokenizer, base.model
-    device = next(model.parameters()).device
-    prompt = tok(example.prompt).input_ids[-config.max_input_tokens :]
-    choices = [tok(" " + c, add_special_tokens=False).input_ids[: config.max_target_tokens]
-               for c in example.choices]
-    with autocast(config.bf16, device):
-        out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True,
-                    logits_to_keep=1)
-    first = torch.log_softmax(out.logits[0, -1].float(), -1)  # predicts each choice's 1st token
-    width = max(len(c) for c in choices)
-    rest = None
-    if width > 1:  # feed every choice but its last token, all choices in one batch
-        n = len(choices)
-        ids = torch.full((n, width - 1), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((n, len(prompt) + width - 1), dtype=torch.long)
-        mask[:, : len(prompt)] = 1
-        for j, c in enumerate(choices):
-            ids[j, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
-            mask[j, len(prompt) : len(prompt) + len(c) - 1] = 1
-        # transformers >= 5.2x names it `cache`; older versions `past_key_values`
-        key = "cache" if "cache" in inspect.signature(model.forward).parameters \
-            else "past_key_values"
-        cache = getattr(out, key)
-        cache.batch_repeat_interleave(n)
-        with autocast(config.bf16, device):
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           use_cache=True, **{key: cache}).logits
-        rest = torch.log_softmax(logits.float(), -1)
-    scores = []
-    for j, c in enumerate(choices):
-        if not c:
-            scores.append(0.0)
-            continue
-        total = -first[c[0]].item()
-        total -= sum(rest[j, t - 1, c[t]].item() for t in range(1, len(c))) if rest is not None \
-            else 0.0
-        scores.append(total / len(c))
+    Exact: each token is routed on its own and attends only to its own example's tokens, so
+    the scores are those of one unpadded full forward per choice."""
+    tok = base.tokenizer
+    prompts = [tok(e.prompt).input_ids[-config.max_input_tokens :] for e in examples]
+    choices = [[tok(" " + c, add_special_tokens=False).input_ids[: config.max_target_tokens]
+                for c in e.choices] for e in examples]
+    order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))  # little padding
+    scores: list[list[float]] = [[] for _ in examples]
+    bar = tqdm(total=len(examples), desc="scoring", unit="example", leave=False,
+               dynamic_ncols=True)
+    for start in range(0, len(order), config.batch_size):
+        group = order[start : start + config.batch_size]
+        rows = _score_on_shared_prompts(base, [prompts[i] for i in group],
+                                        [choices[i] for i in group], config)
+        for i, row in zip(group, rows):
+            scores[i] = row
+        bar.update(len(group))
+    bar.close()
     return scores
+
+
+def _score_on_shared_prompts(
+    base: BaseModel, prompts: list[list[int]], choices: list[list[list[int]]],
+    config: EvalConfig,
+) -> list[list[float]]:
+    model, pad = base.model, base.tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    width_p = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width_p), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):  # left padding: every prompt ends at the last column
+        ids[b, width_p - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[b, width_p - len(p) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with autocast(config.bf16, device):
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                    position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
+    first = torch.log_softmax(out.logits[:, -1].float(), -1)  # predicts each choice's 1st token
+    owner = [b for b, cs in enumerate(choices) for _ in cs]  # the example of each choice
+    flat = [c for cs in choices for c in cs]
+    nll = [-first[b, c[0]].item() if c else 0.0 for b, c in zip(owner, flat)]
+    # transformers >= 5.2x names it `cache`; older versions `past_key_values`
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters \
+        else "past_key_values"
+    cache = getattr(out, key)
+    # feed every choice but its last token on the prompts' cache, choices of about the same
+    # length together (widths 2, 3-4, 5-8, ...) so that little compute goes to padding
+    buckets: dict[int, list[int]] = {}
+    for j, c in enumerate(flat):
+        if len(c) > 1:
+            buckets.setdefault((len(c) - 2).bit_length(), []).append(j)
+    for rows in buckets.values():
+        width = max(len(flat[j]) for j in rows) - 1
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        targets = torch.zeros_like(ids)
+        cmask = torch.zeros((len(rows), width_p + width), dtype=torch.long)
+        cmask[:, :width_p] = mask[[owner[j] for j in rows]]
+        for r, j in enumerate(rows):
+            c = flat[j]
+            ids[r, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
+            targets[r, : len(c) - 1] = torch.tensor(c[1:], dtype=torch.long)
+            cmask[r, width_p : width_p + len(c) - 1] = 1
+        lengths = torch.tensor([len(prompts[owner[j]]) for j in rows])
+        rows_cache = copy.deepcopy(cache) if len(buckets) > 1 else cache
+        rows_cache.batch_select_indices(torch.tensor([owner[j] for j in rows], device=device))
+        with autocast(config.bf16, device):
+            logits = model(input_ids=ids.to(device), attention_mask=cmask.to(device),
+                           position_ids=(lengths[:, None] + torch.arange(width)).to(device),
+                           use_cache=True, **{key: rows_cache}).logits
+        # NLL of each fed token's successor: logsumexp - logit, without a (n, W, vocab) copy
+        token_nll = (torch.logsumexp(logits, -1).float()
+                     - logits.gather(-1, targets.to(device)[..., None])[..., 0].float())
+        token_nll = (token_nll * cmask[:, width_p:].to(device)).sum(-1).tolist()
+        for j, value in zip(rows, token_nll):
+            nll[j] += value
+    scores = [total / max(len(c), 1) for total, c in zip(nll, flat)]
+    rows, start = [], 0
+    for cs in choices:
+        rows.append(scores[start : start + len(cs)])
+        start += len(cs)
+    return rows
 
 
 def _full_forward_nll(
