@@ -36,7 +36,7 @@ def main() -> None:
             grouped = f"loop fallback ({type(err).__name__}: {str(err).splitlines()[0][:80]})"
         weights = [LoraWeights(torch.randn(rank, d_in) / d_in**0.5, torch.randn(d_out, rank),
                                2.0) for _ in range(experts)]
-        layer = RoutedLinear(nn.Linear(d_in, d_out), weights,
+        layer = RoutedLinear.from_experts(nn.Linear(d_in, d_out), weights,
                              PhatgooseRouter(torch.randn(experts, d_in), 2))
         layer = layer.to(args.device, dtype)
         for tokens in (4, 2048):

@@ -74,7 +74,7 @@ def main() -> None:
         lora = LoraWeights(torch.randn(8, d_in, generator=generator) / d_in**0.5,
                            torch.randn(d_out, 8, generator=generator) * 0.01, 2.0)
         gates[name] = SigmoidGate(d_in)
-        set_module(model, name, RoutedLinear(layer, [lora], gates[name]))
+        set_module(model, name, RoutedLinear.from_experts(layer, [lora], gates[name]))
     gate_params = [g.vectors for g in gates.values()]
     for dtype in args.dtypes:
         rows.append(("gate", dtype, sum(p.numel() for p in gate_params),

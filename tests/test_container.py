@@ -16,7 +16,7 @@ def test_dense_path_equals_loop_over_experts_with_mixed_ranks():
     base = nn.Linear(12, 10)
     experts = [expert(12, 10, 4, 0.5), expert(12, 10, 2, 2.0), expert(12, 10, 3, 1.0)]
     router = PhatgooseRouter(torch.randn(3, 12), top_k=2)
-    layer = RoutedLinear(base, experts, router)
+    layer = RoutedLinear.from_experts(base, experts, router)
     x = torch.randn(2, 5, 12)
     w = router(x)
     expected = base(x)
@@ -36,5 +36,5 @@ def test_single_expert_weight_one_equals_peft_lora_layer():
     expected = peft_model(x)
     weights = LoraWeights(lora.lora_A["default"].weight.detach(),
                           lora.lora_B["default"].weight.detach(), 6 / 3)
-    routed = RoutedLinear(lora.base_layer, [weights], FixedWeights(torch.ones(1)))
+    routed = RoutedLinear.from_experts(lora.base_layer, [weights], FixedWeights(torch.ones(1)))
     torch.testing.assert_close(routed(x), expected, atol=1e-6, rtol=1e-5)

@@ -55,7 +55,7 @@ def test_sparse_path_equals_dense_reference(kind, top_k, tokens):
     vectors = torch.randn(n_experts, d_in)
     router = PhatgooseRouter(vectors, top_k) if kind == "phatgoose" else ArrowRouter(
         vectors, top_k, temperature=0.5)
-    layer = RoutedLinear(nn.Linear(d_in, d_out), weights, router)
+    layer = RoutedLinear.from_experts(nn.Linear(d_in, d_out), weights, router)
     assert layer.path == "dense"  # the default for so few experts
     layer.path = "sparse"
     x = torch.randn(tokens, d_in)
@@ -76,7 +76,9 @@ def test_sparse_path_equals_dense_reference(kind, top_k, tokens):
 
 def test_default_path_is_sparse_above_dense_max_experts():
     many = container.DENSE_MAX_EXPERTS + 1
-    make = lambda n, router: RoutedLinear(nn.Linear(8, 6), experts(8, 6, [2] * n), router)  # noqa: E731
+    def make(n, router):
+        return RoutedLinear.from_experts(nn.Linear(8, 6), experts(8, 6, [2] * n), router)
+
     assert make(many, PhatgooseRouter(torch.randn(many, 8), 2)).path == "sparse"
     assert make(many, ArrowRouter(torch.randn(many, 8), 2)).path == "sparse"
     assert make(many - 1, PhatgooseRouter(torch.randn(many - 1, 8), 2)).path == "dense"
@@ -85,7 +87,7 @@ def test_default_path_is_sparse_above_dense_max_experts():
 
 def test_sparse_path_keeps_batch_shape_and_dtype():
     torch.manual_seed(1)
-    layer = RoutedLinear(nn.Linear(8, 6), experts(8, 6, [2, 2, 2]),
+    layer = RoutedLinear.from_experts(nn.Linear(8, 6), experts(8, 6, [2, 2, 2]),
                          PhatgooseRouter(torch.randn(3, 8), 2))
     layer.path = "sparse"
     x = torch.randn(2, 40, 8)
@@ -112,7 +114,7 @@ def test_grouped_matmul_and_its_fallback_equal_a_loop(monkeypatch):
 @pytest.mark.parametrize("path", ["dense", "sparse"])
 def test_shared_projection_reuses_one_matmul_only_for_the_same_input(path):
     torch.manual_seed(3)
-    layers = [RoutedLinear(nn.Linear(8, 5), experts(8, 5, [2, 2, 2]),
+    layers = [RoutedLinear.from_experts(nn.Linear(8, 5), experts(8, 5, [2, 2, 2]),
                            PhatgooseRouter(torch.randn(3, 8), 2)) for _ in range(3)]
     for layer in layers:
         layer.path = path

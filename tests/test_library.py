@@ -1,6 +1,7 @@
 """Library build / add / list / verify, PEFT round trips and every bad input on disk."""
 
 import hashlib
+import os
 import pickle
 
 import pytest
@@ -118,3 +119,38 @@ def test_a_bad_expert_leaves_no_library_behind(llama, tmp_path):
     ExpertLibrary.build(tmp_path / "lib", [good])
     with pytest.raises(LibraryError, match="exists and is not empty"):
         ExpertLibrary.build(tmp_path / "lib", [good])
+
+
+def test_stacked_experts_are_cached_once_per_library_state(llama, tmp_path):
+    dirs = [random_expert(llama, tmp_path / f"e{i}", seed=i) for i in range(3)]
+    library = ExpertLibrary.build(tmp_path / "lib", dirs[:2])
+    ids = torch.randint(0, 100, (2, 7))
+    fresh = library.stacked(library.names[:1])  # a subset: stacked, never cached
+    assert not (library.root / "stacks").exists()
+    lora = library.lora(library.names[0])
+    module = sorted(lora)[0]
+    w = lora[module]
+    assert torch.allclose(fresh[f"{module}.lora_A"][0], w.A)
+    assert torch.allclose(fresh[f"{module}.lora_B"][0], (w.B * w.scaling).T)
+    assert torch.equal(fresh[f"{module}.gate"][0], library.gates(library.names[0])[module])
+
+    built = library.stacked()  # the whole library: built and cached
+    (cache,) = (library.root / "stacks").iterdir()
+    cached = library.stacked()  # read back from the cache
+    assert sorted(cached) == sorted(built)
+    assert all(torch.equal(cached[k], built[k]) for k in built)
+    route(llama.model, library, top_k=1)
+    expected = llama.model(input_ids=ids).logits
+    unroute(llama.model)
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"not a safetensors file")
+    os.replace(garbage, cache)  # a damaged cache is rebuilt, not trusted
+    route(llama.model, library, top_k=1)
+    torch.testing.assert_close(llama.model(input_ids=ids).logits, expected, rtol=0, atol=0)
+    unroute(llama.model)
+    assert cache.stat().st_size > 100
+
+    library.add(dirs[2])  # a new expert: a new key, and the stale stack is removed
+    assert library.stacked()[f"{module}.lora_A"].shape[0] == 3
+    (new_cache,) = (library.root / "stacks").iterdir()
+    assert new_cache.name != cache.name

@@ -167,12 +167,12 @@ def train_gate(
         )
     lora = load_lora(expert_dir)
     model = base.model
-    check_fit(model, lora)
+    check_fit(model, {m: (w.A.shape[1], w.B.shape[0]) for m, w in lora.items()})
     gates: dict[str, SigmoidGate] = {}
     for module, weights in lora.items():
         layer = model.get_submodule(module)
         gates[module] = SigmoidGate(weights.A.shape[1]).to(layer.weight.device)
-        set_module(model, module, RoutedLinear(layer, [weights], gates[module]))
+        set_module(model, module, RoutedLinear.from_experts(layer, [weights], gates[module]))
     params = {m: g.vectors for m, g in gates.items()}
     logger = MetricLogger(log_path, tensorboard_dir)
     try:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from phatgoose.errors import ModelError
-from phatgoose.library.expert import LoraWeights, read_safetensors
+from phatgoose.library.expert import read_safetensors
 from phatgoose.library.library import ExpertLibrary
 from phatgoose.models import fingerprint, linear_dims
 from phatgoose.routing.container import RoutedLinear, share_projections
@@ -19,25 +19,23 @@ from phatgoose.routing.routers import (
     top_right_singular_vector,
 )
 
-# A router factory builds one module's router, and the LoRA experts it mixes, from the library,
-# the module name, the experts' names and their LoRA weights at that module. ``state`` carries
-# the method's settings (top_k, ...) and anything worth loading once for all modules.
-Routed = tuple[nn.Module, list[LoraWeights]]
-RouterFactory = Callable[[ExpertLibrary, str, list[str], list[LoraWeights], dict], Routed]
+# A router factory builds one module's router from the library, the module name, the experts'
+# names and their stacked tensors at that module (``ExpertLibrary.stacked``: lora_A, lora_B,
+# gate), and returns it with the factors to mix. ``state`` carries the method's settings
+# (top_k, ...) and anything worth loading once for all modules.
+Routed = tuple[nn.Module, torch.Tensor, torch.Tensor]
+RouterFactory = Callable[[ExpertLibrary, str, list[str], dict[str, torch.Tensor], dict], Routed]
 
 
-def _phatgoose(library, module, names, experts, state) -> Routed:
+def _phatgoose(library, module, names, stack, state) -> Routed:
     """Top-k over the experts' trained gates."""
-    if "gates" not in state:  # read once for all modules
-        state["gates"] = {n: library.gates(n) for n in names}
-    vectors = torch.stack([state["gates"][n][module] for n in names])
-    return PhatgooseRouter(vectors, top_k=state["top_k"]), experts
+    return PhatgooseRouter(stack["gate"], top_k=state["top_k"]), stack["lora_A"], stack["lora_B"]
 
 
 AVERAGE_ACTIVATION = "average_activation.safetensors"
 
 
-def _average_activation(library, module, names, experts, state) -> Routed:
+def _average_activation(library, module, names, stack, state) -> Routed:
     """Top-k, as PHATGOOSE, over each expert's mean module input (see routing.vectors)."""
     if "averages" not in state:
         missing = [n for n in names if not (library.expert_dir(n) / AVERAGE_ACTIVATION).exists()]
@@ -49,29 +47,31 @@ def _average_activation(library, module, names, experts, state) -> Routed:
         state["averages"] = {n: read_safetensors(library.expert_dir(n) / AVERAGE_ACTIVATION)
                              for n in names}
     vectors = torch.stack([state["averages"][n][module] for n in names])
-    return PhatgooseRouter(vectors, top_k=state["top_k"]), experts
+    return PhatgooseRouter(vectors, top_k=state["top_k"]), stack["lora_A"], stack["lora_B"]
 
 
-def _uniform(library, module, names, experts, state) -> Routed:
+def _uniform(library, module, names, stack, state) -> Routed:
     """Every expert's output at weight 1/E. Since LoRA outputs are linear in x, this is also
     the exact merge of the experts' deltas, mean_i s_i B_i A_i (a concatenated LoRA of rank E r)."""
-    return FixedWeights(torch.full((len(names),), 1.0 / len(names))), experts
+    weights = torch.full((len(names),), 1.0 / len(names))
+    return FixedWeights(weights), stack["lora_A"], stack["lora_B"]
 
 
-def _merged_factors(library, module, names, experts, state) -> Routed:
+def _merged_factors(library, module, names, stack, state) -> Routed:
     """The reference's shipped merge: one LoRA of the averaged factors, (mean s_i B_i)(mean A_i),
     which is not the mean of the deltas."""
-    if len({e.A.shape for e in experts}) != 1:
+    if len({library.entry(n)["rank"] for n in names}) != 1:
         raise ModelError("merged-factors needs experts of one rank: their factors are averaged")
-    A = torch.stack([e.A.float() for e in experts]).mean(0)
-    B = torch.stack([e.B.float() * e.scaling for e in experts]).mean(0)
-    return FixedWeights(torch.ones(1)), [LoraWeights(A, B, 1.0)]
+    A = stack["lora_A"].float().mean(0, keepdim=True)
+    B = stack["lora_B"].float().mean(0, keepdim=True)  # pre-scaled: mean of s_i B_i
+    return FixedWeights(torch.ones(1)), A, B
 
 
-def _arrow(library, module, names, experts, state) -> Routed:
+def _arrow(library, module, names, stack, state) -> Routed:
     """Arrow: prototypes are the top right singular vectors of each expert's B A."""
-    prototypes = torch.stack([top_right_singular_vector(e.A, e.B) for e in experts])
-    return ArrowRouter(prototypes, state["top_k"], state.get("temperature", 1.0)), experts
+    A, B = stack["lora_A"], stack["lora_B"]  # B[e] is s_e B_e^T; scaling leaves the vectors
+    prototypes = torch.stack([top_right_singular_vector(a, b.T) for a, b in zip(A, B)])
+    return ArrowRouter(prototypes, state["top_k"], state.get("temperature", 1.0)), A, B
 
 
 ROUTERS: dict[str, RouterFactory] = {
@@ -124,37 +124,34 @@ def route(
             f"the library was trained on ({library.base_model!r}, {library.base_fingerprint}): "
             "load that base model"
         )
-    loras = {n: library.lora(n) for n in names}
-    modules = sorted(loras[names[0]])
-    for n in names[1:]:
-        if sorted(loras[n]) != modules:
-            raise ModelError(f"experts {names[0]!r} and {n!r} adapt different modules")
-    check_fit(model, loras[names[0]])
+    stacks = library.stacked(names)
+    modules = sorted({key.rsplit(".", 1)[0] for key in stacks})
+    check_fit(model, {m: (stacks[f"{m}.lora_A"].shape[2], stacks[f"{m}.lora_B"].shape[2])
+                      for m in modules})
     state = {"top_k": top_k, "temperature": temperature}
-    for module in modules:  # popped as stacked, so the experts are in memory once, not twice
+    for module in modules:  # popped as used, so the experts are in memory once
         base = model.get_submodule(module)
-        router, weights = ROUTERS[method](
-            library, module, names, [loras[n].pop(module) for n in names], state
-        )
-        set_module(model, module, RoutedLinear(base, weights, router).to(base.weight.device))
+        stack = {part: stacks.pop(f"{module}.{part}") for part in ("lora_A", "lora_B", "gate")}
+        router, A, B = ROUTERS[method](library, module, names, stack, state)
+        set_module(model, module, RoutedLinear(base, A, B, router).to(base.weight.device))
     share_projections(routed_modules(model))
     return model
 
 
-def check_fit(model: nn.Module, lora: dict[str, LoraWeights]) -> None:
-    """Every adapted module exists in the model, is linear, and has the experts' shapes."""
-    for module, w in lora.items():
+def check_fit(model: nn.Module, shapes: dict[str, tuple[int, int]]) -> None:
+    """Every adapted module exists in the model, is linear, and maps the experts' (d_in, d_out)."""
+    for module, (d_in, d_out) in shapes.items():
         try:
-            d_in, d_out = linear_dims(model.get_submodule(module))
+            found = linear_dims(model.get_submodule(module))
         except AttributeError:
             raise ModelError(
                 f"the experts adapt {module}, which {type(model).__name__} does not have: "
                 "they were trained on another architecture"
             ) from None
-        if (w.A.shape[1], w.B.shape[0]) != (d_in, d_out):
+        if found != (d_in, d_out):
             raise ModelError(
-                f"the experts' LoRA for {module} maps {w.A.shape[1]} -> {w.B.shape[0]} features, "
-                f"but the model's layer maps {d_in} -> {d_out}: wrong base model"
+                f"the experts' LoRA for {module} maps {d_in} -> {d_out} features, "
+                f"but the model's layer maps {found[0]} -> {found[1]}: wrong base model"
             )
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from phatgoose.library.expert import LoraWeights
+from phatgoose.library.expert import LoraWeights, stack_experts
 from phatgoose.models import linear_dims
 from phatgoose.routing.routers import TopKRouter
 
@@ -24,8 +24,8 @@ DENSE_MAX_EXPERTS = 16
 class RoutedLinear(nn.Module):
     """y = base(x) + sum_e w_e(x) * s_e * B_e A_e x, with w = router(x) of shape (..., E).
 
-    The experts are stacked once, at construction, pre-scaled: ``lora_A`` (E, r, d_in) and
-    ``lora_B`` (E, r, d_out); experts of lower rank are zero-padded (which changes nothing).
+    The experts come stacked and pre-scaled: ``lora_A`` (E, r, d_in) and ``lora_B`` (E, r, d_out)
+    (``stack_experts``, or ``ExpertLibrary.stacked``); ``from_experts`` stacks a list.
 
     Two paths compute the same thing:
     - ``dense`` (the reference; the only one for dense routers such as uniform mixing or gate
@@ -38,27 +38,36 @@ class RoutedLinear(nn.Module):
     same input (see ``SharedProjection``).
     """
 
-    def __init__(self, base: nn.Module, experts: list[LoraWeights], router: nn.Module) -> None:
+    def __init__(
+        self, base: nn.Module, lora_A: Tensor, lora_B: Tensor, router: nn.Module
+    ) -> None:
         super().__init__()
-        if not experts:
-            raise ValueError("a routed module needs at least one expert")
+        d_in, d_out = linear_dims(base)
+        if lora_A.ndim != 3 or lora_A.shape[0] == 0 or lora_B.shape != (
+                *lora_A.shape[:2], d_out) or lora_A.shape[2] != d_in:
+            raise ValueError(
+                f"expert stacks of shapes {tuple(lora_A.shape)} and {tuple(lora_B.shape)} do not "
+                f"fit a {d_in} -> {d_out} layer: expected (E, r, {d_in}) and (E, r, {d_out})"
+            )
         self.base = base
         self.router = router
-        d_in, d_out = linear_dims(base)
-        rank = max(e.A.shape[0] for e in experts)
         dtype = next(base.parameters()).dtype
-        A = torch.zeros(len(experts), rank, d_in, dtype=dtype)
-        B = torch.zeros(len(experts), rank, d_out, dtype=dtype)
-        for i, e in enumerate(experts):
-            r = e.A.shape[0]
-            A[i, :r] = e.A
-            B[i, :r] = (e.B.float() * e.scaling).T
-        self.num_experts, self.rank, self.d_out = len(experts), rank, d_out
+        A, B, rank = lora_A.to(dtype), lora_B.to(dtype), lora_A.shape[1]
+        self.num_experts, self.rank, self.d_out = A.shape[0], rank, d_out
         self.register_buffer("lora_A", A, persistent=False)
         self.register_buffer("lora_B", B, persistent=False)
-        sparse = isinstance(router, TopKRouter) and len(experts) > DENSE_MAX_EXPERTS
+        sparse = isinstance(router, TopKRouter) and self.num_experts > DENSE_MAX_EXPERTS
         self.path: Literal["sparse", "dense"] = "sparse" if sparse else "dense"
         self.shared: tuple[SharedProjection, int] | None = None
+
+    @classmethod
+    def from_experts(
+        cls, base: nn.Module, experts: list[LoraWeights], router: nn.Module
+    ) -> RoutedLinear:
+        """Stack ``experts`` (see ``stack_experts``) and route among them."""
+        if not experts:
+            raise ValueError("a routed module needs at least one expert")
+        return cls(base, *stack_experts(experts, next(base.parameters()).dtype), router)
 
     @property
     def weight(self) -> Tensor:
