@@ -70,6 +70,16 @@ def test_pipeline_runs_every_method_and_resumes(tokenizer, tmp_path, monkeypatch
     assert sum("cached" in m for m in messages) == 5  # 2 experts, 2 gates, multitask
     assert calls == []  # every (method, task) evaluation came from the cache
     assert second["summaries"] == rows
+    # the cost of each stage is what its cached items recorded when they were made
+    compute = second["compute_s"]
+    assert compute == first["compute_s"]
+    metas = [json.loads((d / "expert.json").read_text())
+             for d in (tmp_path / "run" / "experts").iterdir()]
+    assert len(metas) == 2
+    assert compute["train experts"] == round(sum(m["metrics"]["train_seconds"] for m in metas), 1)
+    assert {"train gates", "train multitask", "eval base", "eval phatgoose",
+            "eval single experts"} <= set(compute)
+    assert second["timings_s"]["train experts"] < compute["train experts"] + 1
 
     report = write_report(tmp_path / "run", second, "Results", "phatgoose bench x.yaml")
     text = report.read_text()
@@ -77,6 +87,7 @@ def test_pipeline_runs_every_method_and_resumes(tokenizer, tmp_path, monkeypatch
     assert "phatgoose minus each method (paired bootstrap" in text
     assert "## Does each expert beat the base model on its own task?" in text
     assert "![PHATGOOSE routing share per task and expert](routing_heatmap.png)" in text
+    assert "| stage | this run | computed |" in text and "| total |" in text
     expert = rows[ORACLE]["tasks"]["held"]["expert"]
     assert expert in ("parity", "colors")
     csv_rows = (tmp_path / "run" / "results.csv").read_text().splitlines()

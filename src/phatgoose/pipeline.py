@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from peft import PeftModel
+from safetensors import safe_open
 
 from phatgoose.data.bigbench import fetch_bigbench
 from phatgoose.data.tasks import Example, Task, TaskSplits, load_task
@@ -36,8 +37,13 @@ from phatgoose.experts.train import ExpertConfig, GateConfig, train_expert, trai
 from phatgoose.library.expert import EXPERT_META, GATES, read_json, write_json
 from phatgoose.library.library import MANIFEST, ExpertLibrary, expert_name
 from phatgoose.models import EMBEDDED_MODEL, BaseModel, load_base_model
-from phatgoose.routing.attach import route, unroute
-from phatgoose.routing.retrieval import load_encoder, retrieve, store_retrieval_embeddings
+from phatgoose.routing.attach import AVERAGE_ACTIVATION, route, unroute
+from phatgoose.routing.retrieval import (
+    RETRIEVAL_EMBEDDINGS,
+    load_encoder,
+    retrieve,
+    store_retrieval_embeddings,
+)
 from phatgoose.routing.vectors import store_average_activations
 
 
@@ -252,7 +258,13 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
                                            for k, v in suites.items()})
         timings["routing shares"] = time.time() - t
     table = markdown_table(rows)
-    result = {"summaries": rows, "timings_s": {k: round(v, 1) for k, v in timings.items()},
+    compute = compute_seconds(work, expert_dirs, library, multitask_dir, cache, eval_sets)
+    per_stage: dict[str, float] = {}
+    for stage, seconds in timings.items():  # the single experts (oracle, own expert) as one
+        stage = "eval single experts" if stage.startswith("eval single:") else stage
+        per_stage[stage] = per_stage.get(stage, 0.0) + seconds
+    result = {"summaries": rows, "timings_s": {k: round(v, 1) for k, v in per_stage.items()},
+              "compute_s": compute,
               "table": table, "suites": {k: [tasks[s].name for s in v] for k, v in suites.items()}}
     (work / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (work / "results.md").write_text(table + "\n")
@@ -260,6 +272,40 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
 
 
 OWN_EXPERT = "own expert (held-in: the expert trained on the task)"
+
+
+def compute_seconds(
+    work: Path, expert_dirs: list[Path], library: ExpertLibrary, multitask_dir: Path,
+    cache: Path, eval_sets: dict[str, list[Example]],
+) -> dict[str, float]:
+    """Seconds each stage computed for, summed over the runs that did the work: read from what
+    each cached item recorded when it was made (experts, gates, vectors, each method x task
+    evaluation), so a benchmark resumed across sessions reports its whole cost."""
+    def meta_seconds(path: Path) -> float:
+        if not path.exists():
+            return 0.0
+        with safe_open(str(path), "pt") as f:
+            return float((f.metadata() or {}).get("seconds", 0.0))
+
+    metas = [read_json(d / EXPERT_META) for d in expert_dirs if (d / EXPERT_META).exists()]
+    out = {"train experts": sum(m["metrics"].get("train_seconds", 0.0) for m in metas),
+           "train gates": sum(m.get("gate", {}).get("train_seconds", 0.0) for m in metas)}
+    if (multitask_dir / EXPERT_META).exists():
+        out["train multitask"] = read_json(multitask_dir / EXPERT_META)["metrics"].get(
+            "train_seconds", 0.0)
+    for stage, file in (("average activations", AVERAGE_ACTIVATION),
+                        ("retrieval index", RETRIEVAL_EMBEDDINGS)):
+        seconds = sum(meta_seconds(library.expert_dir(n) / file) for n in library.names)
+        if seconds:
+            out[stage] = seconds
+    files = {task.replace("/", ".") + ".json" for task in eval_sets}
+    for path in sorted(cache.glob("*/*.json")) if cache.exists() else []:
+        if path.name in files:
+            data = read_json(path)
+            method = data.get("method", path.parent.name)
+            stage = "eval single experts" if method.startswith("single") else f"eval {method}"
+            out[stage] = out.get(stage, 0.0) + data.get("seconds", 0.0)
+    return {k: round(v, 1) for k, v in out.items() if v}
 
 
 def _merge_rows(*parts: dict[str, dict]) -> dict[str, dict]:
@@ -290,10 +336,12 @@ def _cached_evaluate(
             if _cached(path, "key", task_key):
                 results[task] = TaskResult(**read_json(path)["result"])
                 continue
+        started = time.time()
         results[task] = run({task: examples})[task]
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_json(path, {"key": task_key, "result": asdict(results[task])})
+            write_json(path, {"key": task_key, "method": method, "result": asdict(results[task]),
+                              "seconds": round(time.time() - started, 1)})
     return results
 
 
@@ -345,8 +393,8 @@ def evaluate_methods(
         rows[method] = summary(results)
         if out is not None:
             write_predictions(out / f"predictions-{method.replace(':', '_')}.jsonl", results)
-        if timings is not None:
-            timings[f"eval {method}"] = time.time() - t
+        if timings is not None:  # held-out and held-in sets are separate calls: add up
+            timings[f"eval {method}"] = timings.get(f"eval {method}", 0.0) + time.time() - t
     return rows
 
 

@@ -97,8 +97,18 @@ def write_report(work: Path | str, result: dict, title: str, command: str,
                          ("routing_layers.png", "PHATGOOSE routing share by layer")):
         if (work / png).exists():
             lines += ["", f"![{caption}]({png})"]
-    lines += ["", "## Stage timings (seconds)", "", "| stage | seconds |", "|---|---:|"]
-    lines += [f"| {k} | {v} |" for k, v in result["timings_s"].items()]
+    compute = result.get("compute_s", {})
+    lines += ["", "## Stage timings (seconds)", "",
+              "This run: wall time of each stage in this invocation (cached stages take ~0 s). "
+              "Computed: the time each stage's cached results took to make, summed over the "
+              "runs that made them (a run resumed across sessions shows its whole cost).", "",
+              "| stage | this run | computed |", "|---|---:|---:|"]
+    for stage in dict.fromkeys([*result["timings_s"], *compute]):
+        lines.append(f"| {stage} | {result['timings_s'].get(stage, '')} | "
+                     f"{compute.get(stage, '')} |")
+    if compute:
+        lines.append(f"| total | {round(sum(result['timings_s'].values()), 1)} | "
+                     f"{round(sum(compute.values()), 1)} |")
     with (work / "results.csv").open("w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["suite", "method", "task", "n", "accuracy", "low", "high"])

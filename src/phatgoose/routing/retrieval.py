@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -65,8 +66,10 @@ def store_retrieval_embeddings(
             with safe_open(str(path), "pt") as f:
                 if (f.metadata() or {}).get("settings") == key:
                     continue
+        started = time.time()
         encoder = encoder or load_encoder()
-        write_safetensors(path, {"embeddings": embed(encoder, data)}, {"settings": key})
+        write_safetensors(path, {"embeddings": embed(encoder, data)},
+                          {"settings": key, "seconds": f"{time.time() - started:.1f}"})
         computed.append(name)
     return computed
 

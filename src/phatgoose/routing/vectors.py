@@ -7,6 +7,7 @@ example's tokens then over examples, computed with the expert's own LoRA active.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -93,9 +94,11 @@ def store_average_activations(
         path = library.expert_dir(name) / AVERAGE_ACTIVATION
         if path.exists() and _stored_settings(path) == settings:
             continue
+        started = time.time()
         vectors = average_activations(base, library, name, data, max_examples, batch_size,
                                       max_input_tokens, max_target_tokens)
-        write_safetensors(path, vectors, {"settings": settings})
+        write_safetensors(path, vectors, {"settings": settings,
+                                          "seconds": f"{time.time() - started:.1f}"})
         computed.append(name)
     return computed
 
