@@ -1,6 +1,7 @@
 """Rank classification and generation against independent computations."""
 
 import json
+import sys
 
 import torch
 from conftest import toy_examples
@@ -76,7 +77,7 @@ def test_summary_and_markdown_table(llama):
     assert table[2].startswith("| base | ") and len(table) == 3
 
 
-def test_shared_prompt_scores_equal_full_forward_scores(llama, tmp_path):
+def test_shared_prompt_scores_equal_full_forward_scores(llama, tmp_path, monkeypatch):
     """The KV-cache path scores every choice as one full forward per choice does, routed too."""
     from conftest import random_expert
 
@@ -93,7 +94,11 @@ def test_shared_prompt_scores_equal_full_forward_scores(llama, tmp_path):
         if routed:
             route(llama.model, ExpertLibrary.build(tmp_path / "lib", dirs), top_k=2)
         full = choice_nll(llama, examples, EvalConfig(share_prompt=False, batch_size=2))
-        for batch_size in (1, 2, 16):  # prompts of different lengths share a left-padded batch
+        for batch_size, choice_tokens in ((1, 2048), (2, 2048), (16, 2048), (16, 1)):
+            # prompts of different lengths share a left-padded batch; choices are cut into
+            # forwards of at most choice_tokens tokens, each on its own copy of the cache
+            monkeypatch.setattr(sys.modules["phatgoose.eval.evaluate"], "CHOICE_TOKENS",
+                                choice_tokens)
             shared = choice_nll(llama, examples, EvalConfig(batch_size=batch_size))
             for s, f in zip(shared, full):
                 assert s == __import__("pytest").approx(f, abs=1e-4)

@@ -20,6 +20,8 @@ from phatgoose.data.tasks import Example
 from phatgoose.experts.loop import autocast
 from phatgoose.models import BaseModel
 
+CHOICE_TOKENS = 2048  # choice tokens per forward when scoring choices on a shared prompt
+
 
 @dataclass
 class EvalConfig:
@@ -110,12 +112,17 @@ def _score_on_shared_prompts(
         else "past_key_values"
     cache = getattr(out, key)
     # feed every choice but its last token on the prompts' cache, choices of about the same
-    # length together (widths 2, 3-4, 5-8, ...) so that little compute goes to padding
+    # length together (widths 2, 3-4, 5-8, ...) so that little compute goes to padding, and at
+    # most CHOICE_TOKENS tokens per forward (its logits are tokens x vocabulary floats)
     buckets: dict[int, list[int]] = {}
     for j, c in enumerate(flat):
         if len(c) > 1:
             buckets.setdefault((len(c) - 2).bit_length(), []).append(j)
+    chunks = []
     for rows in buckets.values():
+        step = max(1, CHOICE_TOKENS // max(len(flat[j]) - 1 for j in rows))
+        chunks += [rows[i : i + step] for i in range(0, len(rows), step)]
+    for rows in chunks:
         width = max(len(flat[j]) for j in rows) - 1
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         targets = torch.zeros_like(ids)
@@ -127,7 +134,7 @@ def _score_on_shared_prompts(
             targets[r, : len(c) - 1] = torch.tensor(c[1:], dtype=torch.long)
             cmask[r, width_p : width_p + len(c) - 1] = 1
         lengths = torch.tensor([len(prompts[owner[j]]) for j in rows])
-        rows_cache = copy.deepcopy(cache) if len(buckets) > 1 else cache
+        rows_cache = copy.deepcopy(cache) if len(chunks) > 1 else cache
         rows_cache.batch_select_indices(torch.tensor([owner[j] for j in rows], device=device))
         with autocast(config.bf16, device):
             logits = model(input_ids=ids.to(device), attention_mask=cmask.to(device),
