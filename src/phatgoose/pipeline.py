@@ -282,8 +282,6 @@ def compute_seconds(
     each cached item recorded when it was made (experts, gates, vectors, each method x task
     evaluation), so a benchmark resumed across sessions reports its whole cost."""
     def meta_seconds(path: Path) -> float:
-        if not path.exists():
-            return 0.0
         with safe_open(str(path), "pt") as f:
             return float((f.metadata() or {}).get("seconds", 0.0))
 
@@ -295,9 +293,9 @@ def compute_seconds(
             "train_seconds", 0.0)
     for stage, file in (("average activations", AVERAGE_ACTIVATION),
                         ("retrieval index", RETRIEVAL_EMBEDDINGS)):
-        seconds = sum(meta_seconds(library.expert_dir(n) / file) for n in library.names)
-        if seconds:
-            out[stage] = seconds
+        paths = [library.expert_dir(n) / file for n in library.names]
+        if any(p.exists() for p in paths):
+            out[stage] = sum(meta_seconds(p) for p in paths if p.exists())
     files = {task.replace("/", ".") + ".json" for task in eval_sets}
     for path in sorted(cache.glob("*/*.json")) if cache.exists() else []:
         if path.name in files:
@@ -305,7 +303,7 @@ def compute_seconds(
             method = data.get("method", path.parent.name)
             stage = "eval single experts" if method.startswith("single") else f"eval {method}"
             out[stage] = out.get(stage, 0.0) + data.get("seconds", 0.0)
-    return {k: round(v, 1) for k, v in out.items() if v}
+    return {k: round(v, 1) for k, v in out.items()}
 
 
 def _merge_rows(*parts: dict[str, dict]) -> dict[str, dict]:
