@@ -89,6 +89,9 @@ def test_corrupt_manifest_and_missing_gate(llama, tmp_path):
     lib = ExpertLibrary.build(tmp_path / "lib", [random_expert(llama, tmp_path / "e", seed=0)])
     (lib.expert_dir("e") / "gates.safetensors").unlink()
     assert "train the gate first" in lib.verify()[0]
+    with pytest.raises(LibraryError, match="train the gate first"):
+        route(llama.model, lib)
+    assert not any(isinstance(m, RoutedLinear) for m in llama.model.modules())
     (tmp_path / "lib" / "manifest.json").write_text("{not json")
     with pytest.raises(LibraryError, match="is not valid JSON"):
         ExpertLibrary(tmp_path / "lib")

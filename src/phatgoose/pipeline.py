@@ -260,8 +260,8 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
     table = markdown_table(rows)
     compute = compute_seconds(work, expert_dirs, library, multitask_dir, cache, eval_sets)
     per_stage: dict[str, float] = {}
-    for stage, seconds in timings.items():  # the single experts (oracle, own expert) as one
-        stage = "eval single experts" if stage.startswith("eval single:") else stage
+    for stage, seconds in timings.items():
+        stage = _eval_stage(stage.removeprefix("eval ")) if stage.startswith("eval ") else stage
         per_stage[stage] = per_stage.get(stage, 0.0) + seconds
     result = {"summaries": rows, "timings_s": {k: round(v, 1) for k, v in per_stage.items()},
               "compute_s": compute,
@@ -296,14 +296,24 @@ def compute_seconds(
         paths = [library.expert_dir(n) / file for n in library.names]
         if any(p.exists() for p in paths):
             out[stage] = sum(meta_seconds(p) for p in paths if p.exists())
-    files = {task.replace("/", ".") + ".json" for task in eval_sets}
+    files = {_task_file(task) for task in eval_sets}
     for path in sorted(cache.glob("*/*.json")) if cache.exists() else []:
         if path.name in files:
             data = read_json(path)
-            method = data.get("method", path.parent.name)
-            stage = "eval single experts" if method.startswith("single") else f"eval {method}"
+            stage = _eval_stage(data.get("method", path.parent.name))
             out[stage] = out.get(stage, 0.0) + data.get("seconds", 0.0)
     return {k: round(v, 1) for k, v in out.items()}
+
+
+def _task_file(task: str) -> str:
+    """A task's file name in the evaluation cache (``cache/<method>/<task file>``)."""
+    return task.replace("/", ".") + ".json"
+
+
+def _eval_stage(method: str) -> str:
+    """The stage a method's evaluation is timed under: single experts (the oracle's and each
+    held-in task's own) as one stage."""
+    return "eval single experts" if method.startswith("single") else f"eval {method}"
 
 
 def _merge_rows(*parts: dict[str, dict]) -> dict[str, dict]:
@@ -329,8 +339,7 @@ def _cached_evaluate(
                               [(e.input, e.targets, e.choices) for e in examples])
         path = None
         if cache is not None:
-            path = cache / method.replace(":", "_").replace("/", ".") / (
-                task.replace("/", ".") + ".json")
+            path = cache / method.replace(":", "_").replace("/", ".") / _task_file(task)
             if _cached(path, "key", task_key):
                 results[task] = TaskResult(**read_json(path)["result"])
                 continue

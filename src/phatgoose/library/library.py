@@ -179,9 +179,9 @@ class ExpertLibrary:
         names and their files' sizes and modification times; an older stack is removed), so
         routing reads one file of a few hundred tensors, not two files per expert."""
         names = list(names or self.names)
-        whole = names == self.names
-        path = self.root / STACKS / f"{self._stack_key(names)}.safetensors"
-        if whole and path.exists():
+        key = self._stack_key(names) if names == self.names else None
+        path = self.root / STACKS / f"{key}.safetensors"
+        if key and path.exists():
             try:
                 with safe_open(path, "pt") as f:
                     return {k: f.get_tensor(k) for k in f.keys()}
@@ -197,7 +197,7 @@ class ExpertLibrary:
             A, B = stack_experts([lora.pop(module) for lora in loras])
             stacks.update({f"{module}.lora_A": A, f"{module}.lora_B": B,
                            f"{module}.gate": torch.stack([g[module].float() for g in gates])})
-        if whole:
+        if key:
             path.parent.mkdir(exist_ok=True)
             write_safetensors(path, stacks)
             for old in path.parent.glob("*.safetensors"):
@@ -205,11 +205,15 @@ class ExpertLibrary:
                     old.unlink(missing_ok=True)
         return stacks
 
-    def _stack_key(self, names: list[str]) -> str:
+    def _stack_key(self, names: list[str]) -> str | None:
+        """A hash of the experts' files (None if one is missing: loading it then says which)."""
         files = []
         for name in names:
             for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, GATES):
-                stat = (self.expert_dir(name) / file).stat()
+                path = self.expert_dir(name) / file
+                if not path.exists():
+                    return None
+                stat = path.stat()
                 files.append([name, file, stat.st_size, stat.st_mtime_ns])
         return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
 
