@@ -36,6 +36,9 @@ class RoutedLinear(nn.Module):
       only the k chosen experts run per token: k r (d_in + d_out) multiply-adds per token.
     Top-k routers project the input with one matmul, shared with sibling modules that read the
     same input (see ``SharedProjection``).
+
+    A routed model compiles with ``torch.compile`` (no graph breaks in this module); for
+    decoding, that fuses the routing's small operations (see docs/PERFORMANCE.md).
     """
 
     def __init__(
@@ -91,7 +94,9 @@ class RoutedLinear(nn.Module):
         return torch.einsum("...er,ero->...o", hidden, self.lora_B)
 
     def projection(self, x: Tensor) -> Tensor:
-        if self.shared is not None:
+        # Under torch.compile each module projects its own input: the sharing's identity check
+        # would break the graph.
+        if self.shared is not None and not torch.compiler.is_compiling():
             group, index = self.shared
             return group.projection(index, x)
         return self.router.project(x)
