@@ -1,9 +1,11 @@
 """Routed inference speed and memory on SmolLM2-135M with E synthetic rank-8 experts on all 7
 linear modules of its 30 layers (issue 4): prefill and decode against the base model, the
 dense reference path, PEFT's Arrow on the same adapters, peak RSS, library load time, and the
-arithmetic that bounds what is achievable.
+arithmetic that bounds what is achievable; and, with ``--compiled-decode``, decoding with
+both models under ``torch.compile`` (static KV cache).
 
     python benchmarks/routed_inference.py                      # CPU, fp32, E = 8 64 256 1024
+    python benchmarks/routed_inference.py --experts --peft --load --compiled-decode 64
     python benchmarks/routed_inference.py --device cuda --dtype bf16 --out gpu.json
 
 Each E runs in its own process (so peak RSS is per E). The base model has SmolLM2-135M's exact
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 from phatgoose.library.expert import LoraWeights
 from phatgoose.models import linear_dims, resolve_target_modules
@@ -124,6 +126,50 @@ def decode_seconds_per_token(model, batch: int, device: str, repeats: int) -> fl
     return timed(run, repeats, device) / NEW_TOKENS
 
 
+def decode_steps(model, forward, batch: int, device: str, steps: int = NEW_TOKENS) -> float:
+    """Seconds per greedy decoding step of ``forward`` (the model, or it compiled) after an
+    eager 32-token prefill, with a static KV cache (fixed shapes, as compiling needs)."""
+    prompt = torch.randint(3, 40000, (batch, 32), device=device)
+    cache = StaticCache(config=model.config, max_cache_len=32 + steps)
+    logits = model(prompt, cache=cache, cache_position=torch.arange(32)).logits
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(steps):
+        token = logits[:, -1:].argmax(-1)
+        logits = forward(token, cache=cache,
+                         cache_position=torch.tensor([32 + i], device=device)).logits
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def compiled_decode(experts: int, args) -> dict:
+    """Decode time per token, eager and under torch.compile, base model and routed (top-2,
+    sparse path): like for like, both models compiled the same way."""
+    dtype, device = DTYPES[args.dtype], args.device
+    model = base_model(device, dtype)
+    result = {"experts": experts, "device": device, "dtype": args.dtype}
+    with torch.no_grad():
+        for name in ("base", "routed"):
+            if name == "routed":
+                torch._dynamo.reset()
+                route_synthetic(model, synthetic_experts(model, experts), "phatgoose")
+                set_path(model, "sparse")
+            compiled = torch.compile(model, fullgraph=True, dynamic=False)
+            for b in (1, 8):
+                decode_steps(model, model, b, device, 4)  # warm-up
+                result[f"{name}_eager_b{b}_s"] = min(decode_steps(model, model, b, device)
+                                                     for _ in range(args.repeats))
+                start = time.perf_counter()
+                decode_steps(model, compiled, b, device, 2)  # compiles this batch size
+                result[f"{name}_compile_b{b}_s"] = time.perf_counter() - start
+                result[f"{name}_compiled_b{b}_s"] = min(decode_steps(model, compiled, b, device)
+                                                        for _ in range(args.repeats))
+    result["rss_gib"] = peak_rss_gib()
+    return result
+
+
 def one(experts: int, args) -> dict:
     """Every measurement for one E, in this process."""
     dtype, device = DTYPES[args.dtype], args.device
@@ -214,28 +260,39 @@ def peft_arrow(experts: int, args) -> dict:
     return result
 
 
-def library_load(experts: int, args) -> dict:
-    """Write a real library of E synthetic experts (gates too), then time routing a model
-    with it: read every expert's safetensors once, stack per module, build the routers."""
+def synthetic_library(experts: int, args) -> Path:
+    """A real library of E synthetic experts (PEFT adapters and gates) under the workdir,
+    written once and reused."""
     from phatgoose.library import ExpertLibrary
     from phatgoose.library.expert import EXPERT_META, GATES, write_json
-    from phatgoose.library.library import STACKS
     from phatgoose.models import fingerprint
+
+    root = Path(args.workdir) / f"library-{experts}"
+    if (root / "manifest.json").exists():
+        return root
+    model = base_model("cpu", torch.float32)
+    loras = synthetic_experts(model, experts)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_peft_adapters(loras, Path(tmp))
+        for path in paths:
+            save_file({n: torch.randn(w[0].A.shape[1]) for n, w in loras.items()},
+                      Path(path) / GATES)
+            write_json(Path(path) / EXPERT_META, {
+                "task": Path(path).name, "base_model": "smollm2-135m-random",
+                "base_fingerprint": fingerprint(model), "metrics": {}})
+        ExpertLibrary.build(root, [Path(p) for p in paths])
+    return root
+
+
+def library_load(experts: int, args) -> dict:
+    """Time routing a model with a library of E experts on disk: first without the stack cache
+    (read every expert's safetensors once, stack per module, write the cache), then with it."""
+    from phatgoose.library import ExpertLibrary
+    from phatgoose.library.library import STACKS
     from phatgoose.routing import route, unroute
 
+    root = synthetic_library(experts, args)
     model = base_model("cpu", torch.float32)
-    root = Path(args.workdir) / f"library-{experts}"
-    if not (root / "manifest.json").exists():
-        loras = synthetic_experts(model, experts)
-        with tempfile.TemporaryDirectory() as tmp:
-            paths = write_peft_adapters(loras, Path(tmp))
-            for path in paths:
-                save_file({n: torch.randn(w[0].A.shape[1]) for n, w in loras.items()},
-                          Path(path) / GATES)
-                write_json(Path(path) / EXPERT_META, {
-                    "task": Path(path).name, "base_model": "smollm2-135m-random",
-                    "base_fingerprint": fingerprint(model), "metrics": {}})
-            ExpertLibrary.build(root, [Path(p) for p in paths])
     ids = torch.randint(0, model.config.vocab_size, (BATCH, SEQ))
     with torch.no_grad():
         start = time.perf_counter()
@@ -256,6 +313,41 @@ def library_load(experts: int, args) -> dict:
     return {"experts": experts, "first_load_and_route_s": first, "load_and_route_s": loaded,
             "first_forward_s": first_forward, "base_first_forward_s": base_forward,
             "rss_gib": peak_rss_gib()}
+
+
+def stack_library(experts: int, args) -> dict:
+    """Write the library of E experts and its stack cache (what ``memory`` then loads)."""
+    from phatgoose.library import ExpertLibrary
+
+    library = ExpertLibrary(synthetic_library(experts, args))
+    start = time.perf_counter()
+    library.stacked()
+    return {"experts": experts, "stack_s": time.perf_counter() - start,
+            "rss_gib": peak_rss_gib()}
+
+
+def memory(experts: int, args) -> dict:
+    """Peak RSS of a process that routes with a library of E experts the way users do
+    (``route`` from the library's stack cache), against the base model's process plus the
+    library's tensors: both after one 8 x 256-token prefill, the routed one on the sparse path."""
+    from phatgoose.library import ExpertLibrary
+    from phatgoose.routing import route, routed_modules
+
+    library = ExpertLibrary(Path(args.workdir) / f"library-{experts}")
+    model = base_model("cpu", torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (BATCH, SEQ))
+    with torch.no_grad():
+        model(input_ids=ids)
+        rss_base = peak_rss_gib()
+        route(model, library, method="phatgoose", top_k=TOP_K)
+        modules = routed_modules(model).values()
+        set_path(model, "sparse")
+        model(input_ids=ids)
+    library_gib = sum(b.numel() * b.element_size() for m in modules
+                      for b in (m.lora_A, m.lora_B, m.router.vectors)) / 2**30
+    rss = peak_rss_gib()
+    return {"experts": experts, "rss_base_gib": rss_base, "library_gib": library_gib,
+            "rss_routed_gib": rss, "ratio": rss / (rss_base + library_gib)}
 
 
 def child(flag: str, experts: int, args) -> dict:
@@ -302,6 +394,27 @@ def report(results: dict) -> None:
             else:
                 print(f"| {r['experts']} | {r.get('phatgoose_arrow_prefill_s', '-')} "
                       f"| {r.get('peft_error') or r.get('error')} | | |")
+    if results.get("compiled_decode"):
+        print("\n| E | batch | base eager (ms/token) | routed eager | ratio | base compiled "
+              "| routed compiled | ratio | compile s (base, routed) |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in results["compiled_decode"]:
+            if "error" in r:
+                print(f"| {r['experts']} | {r['error']} |")
+                continue
+            for b in (1, 8):
+                be, re_, bc, rc = (r[f"{m}_b{b}_s"] * 1e3 for m in (
+                    "base_eager", "routed_eager", "base_compiled", "routed_compiled"))
+                print(f"| {r['experts']} | {b} | {be:.1f} | {re_:.1f} | {re_ / be:.2f}x "
+                      f"| {bc:.1f} | {rc:.1f} | **{rc / bc:.2f}x** "
+                      f"| {r[f'base_compile_b{b}_s']:.0f}, {r[f'routed_compile_b{b}_s']:.0f} |")
+    for r in results.get("memory", []):
+        if "error" in r:
+            print(f"\nmemory at E = {r['experts']}: {r['error']}")
+            continue
+        print(f"\nmemory at E = {r['experts']}: peak RSS routed {r['rss_routed_gib']:.2f} GiB "
+              f"against base {r['rss_base_gib']:.2f} + library {r['library_gib']:.2f} GiB: "
+              f"**{r['ratio']:.2f}x**")
     for r in results.get("load", []):
         print(f"\nlibrary of {r['experts']} experts: first load + route (stacks and caches "
               f"them) {r.get('first_load_and_route_s', float('nan')):.1f} s; later loads + route "
@@ -317,6 +430,8 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in results["routed"] if "error" not in r]
+    if not rows:
+        return
     E = [r["experts"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(E, [r["base_prefill_s"] / r["sparse_prefill_s"] for r in rows], "o-",
@@ -350,6 +465,10 @@ def main() -> None:
                         help="E at which to compare with PEFT's Arrow")
     parser.add_argument("--load", type=int, nargs="*", default=[256],
                         help="E at which to time loading a library from disk")
+    parser.add_argument("--memory", type=int, nargs="*", default=[],
+                        help="E at which to measure peak RSS routing from a library on disk")
+    parser.add_argument("--compiled-decode", type=int, nargs="*", default=[],
+                        help="E at which to time decoding under torch.compile")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--repeats", type=int, default=3)
@@ -360,16 +479,25 @@ def main() -> None:
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--peft-one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--load-one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--compiled-one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--stack-one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    for flag, fn in (("one", one), ("peft_one", peft_arrow), ("load_one", library_load)):
+    for flag, fn in (("one", one), ("peft_one", peft_arrow), ("load_one", library_load),
+                     ("compiled_one", compiled_decode), ("stack_one", stack_library),
+                     ("memory_one", memory)):
         if getattr(args, flag) is not None:
             print(json.dumps(fn(getattr(args, flag), args)))
             return
     results = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
-               "routed": [], "peft": [], "load": []}
+               "routed": [], "peft": [], "load": [], "compiled_decode": [], "memory": []}
     for key, flag, values in (("routed", "--one", args.experts), ("peft", "--peft-one", args.peft),
-                              ("load", "--load-one", args.load)):
+                              ("load", "--load-one", args.load),
+                              ("compiled_decode", "--compiled-one", args.compiled_decode),
+                              ("memory", "--memory-one", args.memory)):
         for e in values:
+            if key == "memory":  # the library and its stack cache are built in their own process
+                results.setdefault("stack", []).append(child("--stack-one", e, args))
             results[key].append(child(flag, e, args))
             print(json.dumps(results[key][-1]), flush=True)
             Path(args.out).write_text(json.dumps(results, indent=2) + "\n")  # kept if cut short
