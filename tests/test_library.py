@@ -11,6 +11,7 @@ from peft import PeftModel
 
 from phatgoose.errors import LibraryError, ModelError
 from phatgoose.library import ExpertLibrary
+from phatgoose.library.expert import stack_experts
 from phatgoose.models.base import wrap_model
 from phatgoose.routing import RoutedLinear, route, unroute
 
@@ -157,3 +158,16 @@ def test_stacked_experts_are_cached_once_per_library_state(llama, tmp_path):
     assert library.stacked()[f"{module}.lora_A"].shape[0] == 3
     (new_cache,) = (library.root / "stacks").iterdir()
     assert new_cache.name != cache.name
+
+
+def test_stacking_expert_by_expert_equals_stack_experts_with_mixed_ranks(llama, tmp_path):
+    dirs = [random_expert(llama, tmp_path / f"e{i}", seed=i, rank=r)
+            for i, r in enumerate([2, 4, 3])]
+    library = ExpertLibrary.build(tmp_path / "lib", dirs)
+    stacks = library.stacked()
+    loras = [library.lora(n) for n in library.names]
+    for module in loras[0]:
+        A, B = stack_experts([lora[module] for lora in loras])
+        assert stacks[f"{module}.lora_A"].shape == (3, 4, A.shape[2])
+        torch.testing.assert_close(stacks[f"{module}.lora_A"], A, rtol=0, atol=0)
+        torch.testing.assert_close(stacks[f"{module}.lora_B"], B, rtol=1e-6, atol=0)

@@ -31,7 +31,6 @@ from phatgoose.library.expert import (
     load_lora,
     load_metadata,
     read_json,
-    stack_experts,
     write_json,
     write_safetensors,
 )
@@ -187,22 +186,43 @@ class ExpertLibrary:
                     return {k: f.get_tensor(k) for k in f.keys()}
             except (SafetensorError, OSError):
                 pass  # a damaged cache is rebuilt below
-        loras = [self.lora(n) for n in names]
-        gates = [self.gates(n) for n in names]
-        for n, lora in zip(names[1:], loras[1:]):
-            if sorted(lora) != sorted(loras[0]):
-                raise LibraryError(f"experts {names[0]!r} and {n!r} adapt different modules")
-        stacks: dict[str, torch.Tensor] = {}
-        for module in sorted(loras[0]):  # popped as stacked: each expert in memory once
-            A, B = stack_experts([lora.pop(module) for lora in loras])
-            stacks.update({f"{module}.lora_A": A, f"{module}.lora_B": B,
-                           f"{module}.gate": torch.stack([g[module].float() for g in gates])})
+        stacks = self._stack(names)
         if key:
             path.parent.mkdir(exist_ok=True)
             write_safetensors(path, stacks)
             for old in path.parent.glob("*.safetensors"):
                 if old != path:
                     old.unlink(missing_ok=True)
+        return stacks
+
+    def _stack(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Stack expert by expert into preallocated tensors: the peak memory is the stacks plus
+        one expert (holding every expert while stacking would double it)."""
+        rank = max(int(read_json(self.expert_dir(n) / ADAPTER_CONFIG).get("r", 8)) for n in names)
+        stacks: dict[str, torch.Tensor] = {}
+        modules: list[str] = []
+        for e, name in enumerate(names):
+            lora, gates = self.lora(name), self.gates(name)
+            self._check_gates(name, lora, gates)
+            if not modules:
+                modules = sorted(lora)
+                for module, w in lora.items():
+                    (d_out, _), d_in = w.B.shape, w.A.shape[1]
+                    stacks[f"{module}.lora_A"] = torch.zeros(len(names), rank, d_in)
+                    stacks[f"{module}.lora_B"] = torch.zeros(len(names), rank, d_out)
+                    stacks[f"{module}.gate"] = torch.zeros(len(names), d_in)
+            elif sorted(lora) != modules:
+                raise LibraryError(f"experts {names[0]!r} and {name!r} adapt different modules")
+            for module, w in lora.items():
+                A, B = stacks[f"{module}.lora_A"], stacks[f"{module}.lora_B"]
+                r = w.A.shape[0]
+                if r > rank or w.A.shape[1:] != A.shape[2:] or w.B.shape != (B.shape[2], r):
+                    raise LibraryError(f"expert {name!r}: LoRA factors of {module} have shapes "
+                                       f"{tuple(w.A.shape)} and {tuple(w.B.shape)}, which do "
+                                       f"not fit the other experts' (rank <= {rank})")
+                A[e, :r] = w.A  # lower ranks stay zero-padded
+                B[e, :r] = w.B.T.float() * w.scaling  # pre-scaled, as in ``stack_experts``
+                stacks[f"{module}.gate"][e] = gates[module]
         return stacks
 
     def _stack_key(self, names: list[str]) -> str | None:
