@@ -198,6 +198,8 @@ class ExpertLibrary:
     def _stack(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Stack expert by expert into preallocated tensors: the peak memory is the stacks plus
         one expert (holding every expert while stacking would double it)."""
+        if not names:
+            raise LibraryError(f"no experts to stack in {self.root}: add some first")
         rank = max(int(read_json(self.expert_dir(n) / ADAPTER_CONFIG).get("r", 8)) for n in names)
         stacks: dict[str, torch.Tensor] = {}
         modules: list[str] = []
