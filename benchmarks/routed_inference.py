@@ -188,9 +188,7 @@ def one(experts: int, args) -> dict:
         route_synthetic(model, synthetic_experts(model, experts), "phatgoose")
         result["route_s"] = time.perf_counter() - start
         set_path(model, "sparse")  # measured at every E, also where dense is the default
-        result["library_gib"] = sum(
-            b.numel() * b.element_size() for m in model.modules() if isinstance(m, RoutedLinear)
-            for b in (m.lora_A, m.lora_B, m.router.vectors)) / 2**30
+        result["library_gib"] = library_gib(model)
         sparse_logits = model(ids).logits
         result["sparse_prefill_s"] = timed(lambda: model(ids), args.repeats, device)
         result["sparse_decode_s_per_token"] = {
@@ -258,6 +256,13 @@ def peft_arrow(experts: int, args) -> dict:
             result["peft_error"] = f"out of memory: {err}".splitlines()[0]
     result["rss_gib"] = peak_rss_gib()
     return result
+
+
+def library_gib(model) -> float:
+    """GiB of the routed modules' expert stacks and routing vectors."""
+    return sum(b.numel() * b.element_size() for m in model.modules()
+               if isinstance(m, RoutedLinear)
+               for b in (m.lora_A, m.lora_B, m.router.vectors)) / 2**30
 
 
 def synthetic_library(experts: int, args) -> Path:
@@ -331,23 +336,20 @@ def memory(experts: int, args) -> dict:
     (``route`` from the library's stack cache), against the base model's process plus the
     library's tensors: both after one 8 x 256-token prefill, the routed one on the sparse path."""
     from phatgoose.library import ExpertLibrary
-    from phatgoose.routing import route, routed_modules
+    from phatgoose.routing import route
 
-    library = ExpertLibrary(Path(args.workdir) / f"library-{experts}")
+    library = ExpertLibrary(synthetic_library(experts, args))  # built by ``stack_library``
     model = base_model("cpu", torch.float32)
     ids = torch.randint(0, model.config.vocab_size, (BATCH, SEQ))
     with torch.no_grad():
         model(input_ids=ids)
         rss_base = peak_rss_gib()
         route(model, library, method="phatgoose", top_k=TOP_K)
-        modules = routed_modules(model).values()
         set_path(model, "sparse")
         model(input_ids=ids)
-    library_gib = sum(b.numel() * b.element_size() for m in modules
-                      for b in (m.lora_A, m.lora_B, m.router.vectors)) / 2**30
-    rss = peak_rss_gib()
-    return {"experts": experts, "rss_base_gib": rss_base, "library_gib": library_gib,
-            "rss_routed_gib": rss, "ratio": rss / (rss_base + library_gib)}
+    rss, library = peak_rss_gib(), library_gib(model)
+    return {"experts": experts, "rss_base_gib": rss_base, "library_gib": library,
+            "rss_routed_gib": rss, "ratio": rss / (rss_base + library)}
 
 
 def child(flag: str, experts: int, args) -> dict:

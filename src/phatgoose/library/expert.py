@@ -37,11 +37,13 @@ class LoraWeights:
     scaling: float
 
 
-def pad_rank(factor: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
-    """Zero-pad a LoRA factor's rank dimension ``dim`` up to ``rank`` (which changes nothing)."""
-    missing = rank - factor.shape[dim]
-    widths = (0, missing) if dim == 1 else (0, 0, 0, missing)
-    return factor if missing == 0 else torch.nn.functional.pad(factor, widths)
+def put_expert(A: torch.Tensor, B: torch.Tensor, e: int, expert: LoraWeights) -> None:
+    """Write ``expert`` into slot e of the stacks A (E, r, d_in) and B (E, r, d_out): A as is,
+    B transposed and pre-scaled (s_e B_e^T); a lower rank fills the first rows and leaves the
+    rest as they are (zeros in a fresh stack, which changes nothing)."""
+    rank = expert.A.shape[0]
+    A[e, :rank] = expert.A
+    B[e, :rank] = expert.B.T.float() * expert.scaling
 
 
 def stack_experts(
@@ -50,10 +52,12 @@ def stack_experts(
     """E experts at one module as two tensors: A (E, r, d_in) and the pre-scaled, transposed
     s_e B_e^T (E, r, d_out), so that s_e B_e A_e x = B[e]^T (A[e] x). Lower ranks are padded."""
     rank = max(e.A.shape[0] for e in experts)
-    A = torch.stack([pad_rank(e.A, rank, 0) for e in experts]).to(dtype)
-    B = torch.stack([pad_rank(e.B, rank, 1) for e in experts]).to(dtype)  # (E, d_out, r)
-    B *= torch.tensor([e.scaling for e in experts], dtype=dtype)[:, None, None]
-    return A, B.transpose(1, 2).contiguous()
+    (d_out, _), d_in = experts[0].B.shape, experts[0].A.shape[1]
+    A = torch.zeros(len(experts), rank, d_in, dtype=dtype)
+    B = torch.zeros(len(experts), rank, d_out, dtype=dtype)
+    for e, expert in enumerate(experts):
+        put_expert(A, B, e, expert)
+    return A, B
 
 
 def read_json(path: Path) -> dict[str, Any]:

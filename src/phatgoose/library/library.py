@@ -30,6 +30,7 @@ from phatgoose.library.expert import (
     load_gates,
     load_lora,
     load_metadata,
+    put_expert,
     read_json,
     write_json,
     write_safetensors,
@@ -222,8 +223,7 @@ class ExpertLibrary:
                     raise LibraryError(f"expert {name!r}: LoRA factors of {module} have shapes "
                                        f"{tuple(w.A.shape)} and {tuple(w.B.shape)}, which do "
                                        f"not fit the other experts' (rank <= {rank})")
-                A[e, :r] = w.A  # lower ranks stay zero-padded
-                B[e, :r] = w.B.T.float() * w.scaling  # pre-scaled, as in ``stack_experts``
+                put_expert(A, B, e, w)
                 stacks[f"{module}.gate"][e] = gates[module]
         return stacks
 
