@@ -108,6 +108,63 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(llama, tmp_path, monk
                for w in load_lora(tmp_path / "e").values())
 
 
+def test_interrupted_training_resumes_from_its_checkpoint_as_if_never_stopped(
+    llama, tmp_path, monkeypatch
+):
+    examples = toy_examples(20)
+    config = ExpertConfig(**{**FAST, "steps": 10})
+    reference = train_expert(llama, "toy", examples[:16], examples[16:], tmp_path / "ref", config)
+    real, calls = loop.token_nll, {"n": 0}
+
+    def interrupted(model, batch, seq2seq):
+        calls["n"] += 1
+        if calls["n"] == 10:  # during step 8: after step 6's checkpoint
+            raise KeyboardInterrupt
+        return real(model, batch, seq2seq)
+
+    monkeypatch.setattr(loop, "token_nll", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_expert(llama, "toy", examples[:16], examples[16:], tmp_path / "e", config,
+                     checkpoint_every=3)
+    monkeypatch.undo()
+    checkpoint = tmp_path / ".e.checkpoint"
+    assert not (tmp_path / "e").exists()  # nothing half-written
+    assert loop.read_json(checkpoint / "state.json")["step"] == 6
+    assert not any("lora" in n for n, _ in llama.model.named_modules())
+
+    resumed = train_expert(llama, "toy", examples[:16], examples[16:], tmp_path / "e", config,
+                           checkpoint_every=3)
+    metrics, expected = load_metadata(resumed)["metrics"], load_metadata(reference)["metrics"]
+    assert metrics["resumed_from_step"] == 6 and not checkpoint.exists()
+    assert (metrics["best_step"], metrics["best_val_loss"]) == (
+        expected["best_step"], expected["best_val_loss"])
+    for module, weights in load_lora(reference).items():  # bitwise the uninterrupted result
+        assert torch.equal(weights.A, load_lora(resumed)[module].A)
+        assert torch.equal(weights.B, load_lora(resumed)[module].B)
+
+
+def test_a_checkpoint_of_other_settings_is_not_resumed(llama, tmp_path, monkeypatch):
+    examples = toy_examples(16)
+
+    def interrupt_at_step_5(model, batch, seq2seq):
+        interrupt_at_step_5.n += 1
+        if interrupt_at_step_5.n == 5:
+            raise KeyboardInterrupt
+        return real(model, batch, seq2seq)
+
+    real, interrupt_at_step_5.n = loop.token_nll, 0
+    monkeypatch.setattr(loop, "token_nll", interrupt_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train_expert(llama, "toy", examples, [], tmp_path / "e", ExpertConfig(**FAST),
+                     checkpoint_every=2)
+    monkeypatch.undo()
+    assert (tmp_path / ".e.checkpoint").exists()
+    out = train_expert(llama, "toy", examples, [], tmp_path / "e",
+                       ExpertConfig(**{**FAST, "lr": 2e-2}), checkpoint_every=2)
+    assert load_metadata(out)["metrics"]["resumed_from_step"] == 0
+    assert not (tmp_path / ".e.checkpoint").exists()
+
+
 def test_length_windows_see_every_example_once_per_epoch_and_pad_less():
     lengths = [random.Random(i).randint(5, 200) for i in range(96)]
     data = [Encoded([0] * n, [0] * n) for n in lengths]

@@ -1,22 +1,29 @@
 """The one training loop behind experts and gates: AdamW, linear warm-up then constant,
-gradient clipping, gradient accumulation, validation keeping the best checkpoint, and a stop
-on a non-finite loss that keeps the last good parameters."""
+gradient clipping, gradient accumulation, validation keeping the best checkpoint, a stop on a
+non-finite loss that keeps the last good parameters, and resumable checkpoints."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
+import os
 import random
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from phatgoose.data.encode import Encoded, collate, token_nll
-from phatgoose.errors import DataError, TrainingDivergedError
+from phatgoose.errors import DataError, PhatgooseError, TrainingDivergedError
+from phatgoose.library.expert import read_json, read_safetensors, write_json, write_safetensors
 from phatgoose.logging import MetricLogger
 
 
@@ -49,7 +56,8 @@ class TrainResult:
     best_val_loss: float | None
     steps_done: int
     diverged_at: int | None  # step whose loss was NaN/inf, if any
-    seconds: float
+    seconds: float  # training time, summed over the runs of a resumed training
+    resumed_from: int = 0  # the checkpoint's step, when an interrupted training was resumed
 
 
 def autocast(enabled: bool, device: torch.device):
@@ -100,6 +108,86 @@ def validation_loss(
     return total / max(count, 1)
 
 
+def write_dir_atomically(out: Path, fill) -> None:
+    """Create ``out`` by filling a temporary sibling directory, then renaming it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        fill(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_key(params: dict[str, nn.Parameter], data: list[Encoded], config: TrainConfig) -> str:
+    """What a checkpoint must match to be resumed: the settings, the trained tensors' names
+    and shapes, and the training data."""
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    for name, p in params.items():
+        digest.update(f"{name}{tuple(p.shape)}".encode())
+    for e in data:
+        digest.update(repr((e.input_ids, e.labels)).encode())
+    return digest.hexdigest()[:16]
+
+
+def _save_checkpoint(
+    path: Path, key: str, step: int, params: dict[str, nn.Parameter],
+    best: dict[str, torch.Tensor], best_loss: float | None, best_step: int,
+    optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler,
+    seconds: float,
+) -> None:
+    """Parameters, best parameters, AdamW moments and the RNG in safetensors; the step,
+    optimiser and schedule settings in JSON. Written to a temporary directory, then renamed."""
+    names = list(params)
+    state = optimizer.state_dict()
+    tensors = {f"param.{n}": p for n, p in params.items()}
+    tensors |= {f"best.{n}": t for n, t in best.items()}
+    for index, values in state["state"].items():
+        tensors |= {f"optim.{names[index]}.{k}": v for k, v in values.items()}
+    tensors["rng"] = torch.get_rng_state()
+    meta = {"key": key, "step": step, "best_loss": best_loss, "best_step": best_step,
+            "seconds": seconds, "param_groups": state["param_groups"],
+            "schedule": schedule.state_dict()}
+
+    def fill(tmp: Path) -> None:
+        write_safetensors(tmp / "state.safetensors", tensors)
+        write_json(tmp / "state.json", meta)
+
+    write_dir_atomically(path, fill)
+
+
+def _load_checkpoint(
+    path: Path, key: str, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+) -> tuple[int, dict[str, torch.Tensor], float | None, int, float] | None:
+    """Restore a checkpoint saved by the same run (same key) into ``params``, ``optimizer``
+    and ``schedule``; returns (step, best, best_loss, best_step, seconds), or None when there
+    is no checkpoint or it belongs to other settings or data."""
+    try:
+        meta = read_json(path / "state.json")
+        tensors = read_safetensors(path / "state.safetensors")
+    except PhatgooseError:
+        return None
+    if meta.get("key") != key:
+        return None
+    names = list(params)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[f"param.{n}"])
+    moments: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        if name.startswith("optim."):
+            param, _, field = name[len("optim."):].rpartition(".")
+            moments.setdefault(names.index(param), {})[field] = tensor
+    optimizer.load_state_dict({"state": moments, "param_groups": meta["param_groups"]})
+    schedule.load_state_dict(meta["schedule"])
+    torch.set_rng_state(tensors["rng"])
+    best = {n: tensors[f"best.{n}"] for n in names}
+    return meta["step"], best, meta["best_loss"], meta["best_step"], meta["seconds"]
+
+
 def train(
     model: nn.Module,
     params: dict[str, nn.Parameter],
@@ -110,13 +198,20 @@ def train(
     config: TrainConfig,
     logger: MetricLogger | None = None,
     desc: str = "train",
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 25,
 ) -> TrainResult:
     """Train ``params`` (everything else must be frozen) and leave the best ones in place.
 
     The best parameters are those with the lowest validation loss among the evaluations (every
     ``eval_every`` steps and at the end); with no validation data, the last ones. On a NaN or
     infinite loss training stops, the last good parameters are restored, and
-    ``TrainResult.diverged_at`` says where."""
+    ``TrainResult.diverged_at`` says where.
+
+    With ``checkpoint`` (a directory), the whole state is saved there every
+    ``checkpoint_every`` steps, and a later call with the same settings, parameters and data
+    resumes from it and ends where an uninterrupted run would have; the directory is removed
+    when training ends."""
     if not train_data:
         raise DataError("no training examples: the task's train split is empty")
     device = next(model.parameters()).device
@@ -128,11 +223,19 @@ def train(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     snapshot = {k: p.detach().clone() for k, p in params.items()}  # last good parameters
     best, best_loss, best_step = dict(snapshot), None, 0
-    diverged_at, started = None, time.time()
+    diverged_at, started, earlier_seconds, start = None, time.time(), 0.0, 0
+    key = _run_key(params, train_data, config) if checkpoint else ""
     stream = batches(train_data, config.batch_size, config.seed, config.length_window)
+    if checkpoint and (restored := _load_checkpoint(checkpoint, key, params, optimizer,
+                                                    schedule)):
+        start, best, best_loss, best_step, earlier_seconds = restored
+        snapshot = {k: p.detach().clone() for k, p in params.items()}
+        for _ in range(start * config.grad_accum):  # the batches the first run consumed
+            next(stream)
     model.train()
-    bar = tqdm(range(1, config.steps + 1), desc=desc, unit="step", dynamic_ncols=True)
-    step = 0
+    bar = tqdm(range(start + 1, config.steps + 1), desc=desc, unit="step", dynamic_ncols=True,
+               initial=start, total=config.steps)
+    step = start
     for step in bar:
         total = 0.0
         for _ in range(config.grad_accum):
@@ -164,7 +267,12 @@ def train(
                 logger.log(step=step, val_loss=val)
             if best_loss is None or val < best_loss:
                 best, best_loss, best_step = snapshot, val, step
+        if checkpoint and step % checkpoint_every == 0 and step < config.steps:
+            _save_checkpoint(checkpoint, key, step, params, best, best_loss, best_step,
+                             optimizer, schedule, earlier_seconds + time.time() - started)
     bar.close()
+    if checkpoint:
+        shutil.rmtree(checkpoint, ignore_errors=True)
     model.eval()
     if diverged_at is not None or not val_data:
         best, best_step, best_loss = snapshot, step - (diverged_at is not None), None
@@ -172,7 +280,8 @@ def train(
         for k, p in params.items():
             p.copy_(best[k])
     optimizer.zero_grad(set_to_none=True)
-    return TrainResult(best_step, best_loss, step, diverged_at, time.time() - started)
+    return TrainResult(best_step, best_loss, step, diverged_at,
+                       earlier_seconds + time.time() - started, start)
 
 
 def raise_if_diverged(result: TrainResult, where: str) -> None:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -14,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from phatgoose.data.encode import Encoded, encode
 from phatgoose.data.tasks import Example
 from phatgoose.errors import LibraryError, PhatgooseError
-from phatgoose.experts.loop import TrainConfig, raise_if_diverged, train
+from phatgoose.experts.loop import TrainConfig, raise_if_diverged, train, write_dir_atomically
 from phatgoose.library.expert import (
     EXPERT_META,
     GATES,
@@ -60,19 +57,6 @@ def encode_examples(base: BaseModel, examples: list[Example], config: TrainConfi
     ]
 
 
-def _write_dir_atomically(out: Path, fill) -> None:
-    """Create ``out`` by filling a temporary sibling directory, then renaming it."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        fill(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def train_expert(
     base: BaseModel,
     task: str,
@@ -84,11 +68,16 @@ def train_expert(
     source: str | None = None,
     tensorboard_dir: Path | str | None = None,
     split: dict | None = None,
+    checkpoint_every: int = 25,
 ) -> Path:
     """Train a LoRA expert on a frozen base model and save it as a PEFT adapter directory
     plus ``expert.json``. The base model is left unchanged. ``source`` (where the task was
     loaded from) and ``split`` (the split settings) are recorded so that later steps (the gate,
-    average activations) can find the same training data."""
+    average activations) can find the same training data.
+
+    Training state is checkpointed beside ``out`` (``.NAME.checkpoint``) every
+    ``checkpoint_every`` steps: an interrupted call, repeated with the same settings and data,
+    resumes from it."""
     config = config or ExpertConfig()
     out = Path(out)
     model = base.model
@@ -113,6 +102,7 @@ def train_expert(
             model, params, encode_examples(base, train_examples, config),
             encode_examples(base, val_examples, config), base.tokenizer.pad_token_id,
             base.is_seq2seq, config, logger, desc=f"expert {task}",
+            checkpoint=out.parent / f".{out.name}.checkpoint", checkpoint_every=checkpoint_every,
         )
         metadata = {
             "task": task,
@@ -128,6 +118,7 @@ def train_expert(
                 "steps_done": result.steps_done,
                 "diverged_at": result.diverged_at,
                 "train_seconds": round(result.seconds, 1),
+                "resumed_from_step": result.resumed_from,
                 "train_examples": len(train_examples),
                 "val_examples": len(val_examples),
             },
@@ -137,7 +128,7 @@ def train_expert(
             peft_model.save_pretrained(tmp, safe_serialization=True)
             write_json(tmp / EXPERT_META, metadata)
 
-        _write_dir_atomically(out, fill)
+        write_dir_atomically(out, fill)
     finally:
         logger.close()
         peft_model.unload()  # removes the LoRA layers, restoring the base modules
@@ -153,10 +144,12 @@ def train_gate(
     config: GateConfig | None = None,
     log_path: Path | str | None = None,
     tensorboard_dir: Path | str | None = None,
+    checkpoint_every: int = 25,
 ) -> Path:
     """Train the expert's gate: y = W x + sigmoid(v . x) * s B A x at every adapted module,
     v initialised to zeros; only the v's train (base and LoRA frozen). Saves
-    ``gates.safetensors`` beside the adapter and the gate metrics into ``expert.json``."""
+    ``gates.safetensors`` beside the adapter and the gate metrics into ``expert.json``.
+    Checkpointed and resumable like ``train_expert``."""
     config = config or GateConfig()
     expert_dir = Path(expert_dir)
     metadata = load_metadata(expert_dir)
@@ -180,6 +173,8 @@ def train_gate(
             model, params, encode_examples(base, train_examples, config),
             encode_examples(base, val_examples, config), base.tokenizer.pad_token_id,
             base.is_seq2seq, config, logger, desc=f"gate {metadata.get('task', expert_dir.name)}",
+            checkpoint=expert_dir.parent / f".{expert_dir.name}.gate-checkpoint",
+            checkpoint_every=checkpoint_every,
         )
         write_safetensors(expert_dir / GATES, {m: v[0] for m, v in params.items()})
         metadata["gate"] = {
@@ -188,6 +183,7 @@ def train_gate(
             "best_val_loss": result.best_val_loss,
             "diverged_at": result.diverged_at,
             "train_seconds": round(result.seconds, 1),
+            "resumed_from_step": result.resumed_from,
         }
         write_json(expert_dir / EXPERT_META, metadata)
     finally:
