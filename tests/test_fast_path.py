@@ -47,8 +47,19 @@ def test_folded_standardisation_equals_layernorm_of_both_sides():
 
 @pytest.mark.parametrize("kind", ["phatgoose", "arrow"])
 @pytest.mark.parametrize("top_k", [1, 2, 4])
-@pytest.mark.parametrize("tokens", [3, 200])  # gather path, grouped-matmul path
-def test_sparse_path_equals_dense_reference(kind, top_k, tokens):
+@pytest.mark.parametrize("tokens,kernel", [(3, "gather"), (200, "sparse-matmul"),
+                                           (200, "grouped")])
+def test_sparse_path_equals_dense_reference(kind, top_k, tokens, kernel, monkeypatch):
+    """Each of the sparse path's kernels (few tokens: gather; many: CPU sparse matmuls in
+    fp32, else grouped matmuls) against the dense reference and a loop over experts."""
+    def unused(*args, **kwargs):
+        raise AssertionError(f"the {kernel} kernel should run")
+
+    if kernel == "grouped":
+        monkeypatch.setattr(container, "SPARSE_DTYPES", ())
+        monkeypatch.setattr(torch.sparse, "sampled_addmm", unused)
+    elif kernel == "sparse-matmul":
+        monkeypatch.setattr(container, "grouped_matmul", unused)
     torch.manual_seed(top_k + tokens)
     d_in, d_out, n_experts = 24, 20, 9
     weights = experts(d_in, d_out, [4, 2, 4, 3, 4, 1, 4, 4, 2])

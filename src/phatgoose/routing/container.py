@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
@@ -13,12 +14,16 @@ from phatgoose.models import linear_dims
 from phatgoose.routing.routers import TopKRouter
 
 # Below this many (token, expert) pairs the sparse path gathers the chosen experts' factors
-# (decoding); above it, pairs are sorted by expert and run as grouped matmuls (prefill).
+# (decoding); above it, it runs sparse matmuls on CPU in fp32, else pairs are sorted by expert
+# and run as grouped matmuls (prefill).
 GATHER_MAX_PAIRS = 64
 # Up to this many experts, computing every expert (one concatenated LoRA of rank E r) costs
 # less than the sparse path's gathers and scatters (measured on CPU: equal at E = 8 for
 # prefill, dense 1.5x faster at E = 4 for rank classification), so top-k routers use it too.
 DENSE_MAX_EXPERTS = 16
+# dtypes of torch's CPU sparse kernels (sampled_addmm has no bf16): others sort by expert
+SPARSE_DTYPES = (torch.float32, torch.float64)
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
 class RoutedLinear(nn.Module):
@@ -33,7 +38,9 @@ class RoutedLinear(nn.Module):
       expert's r hidden units, scaled by its weight; one concatenated LoRA of rank E r. Never
       forms a tokens x experts x d_out tensor.
     - ``sparse`` (``TopKRouter``s, above that many experts):
-      only the k chosen experts run per token: k r (d_in + d_out) multiply-adds per token.
+      only the k chosen experts run per token: k r (d_in + d_out) multiply-adds per token;
+      with few tokens by gathering their factors, with many by sparse matmuls (CPU, fp32) or
+      grouped matmuls over (token, slot) pairs sorted by expert (other devices and dtypes).
     Top-k routers project the input with one matmul, shared with sibling modules that read the
     same input (see ``SharedProjection``).
 
@@ -116,6 +123,9 @@ class RoutedLinear(nn.Module):
             B = self.lora_B.index_select(0, pairs).view(n, k * self.rank, self.d_out)
             flat_out += torch.bmm(hidden, B).view(n, self.d_out)  # the bmm sums over the k
             return out
+        if flat_x.device.type == "cpu" and flat_x.dtype in SPARSE_DTYPES and not (
+                torch.compiler.is_compiling()):
+            return self._add_sparse_delta(flat_x, out, flat_out, weights, experts)
         # many tokens: (token, slot) pairs sorted by expert, one grouped matmul per factor,
         # each pair's output added into its token's row
         pair_expert = experts.reshape(-1)
@@ -126,6 +136,29 @@ class RoutedLinear(nn.Module):
                                 ends)
         hidden = hidden * weights.reshape(-1, 1).index_select(0, order)
         flat_out.index_add_(0, token, grouped_matmul(hidden, self.lora_B, ends))
+        return out
+
+    def _add_sparse_delta(
+        self, flat_x: Tensor, out: Tensor, flat_out: Tensor, weights: Tensor, experts: Tensor
+    ) -> Tensor:
+        """Many tokens on CPU: the chosen experts' hidden units as a sparse (tokens, E r) CSR
+        matrix H with k r entries per row, H = (x A^T) sampled at those entries (SDDMM), scaled
+        by the weights, then out += H B (sparse x dense, accumulated in place), A and B being
+        the stacks seen as (E r, d_in) and (E r, d_out). Unlike sorting pairs by expert, no
+        (pairs, d_out) tensor is written and read back (measured 1.6x faster at E = 64)."""
+        n, k = experts.shape
+        experts, slot = experts.sort(dim=-1)  # CSR columns ascending within each row
+        weights = weights.gather(-1, slot)
+        columns = (experts.unsqueeze(-1) * self.rank + torch.arange(
+            self.rank, device=experts.device)).reshape(-1)
+        rows = torch.arange(0, n * k * self.rank + 1, k * self.rank, device=experts.device)
+        shape = (n, self.num_experts * self.rank)
+        pattern = torch.sparse_csr_tensor(rows, columns, flat_x.new_zeros(columns.shape), shape)
+        hidden = torch.sparse.sampled_addmm(
+            pattern, flat_x, self.lora_A.reshape(shape[1], -1).T, beta=0.0).values()
+        hidden = (hidden.view(n, k, self.rank) * weights.unsqueeze(-1)).reshape(-1)
+        flat_out.addmm_(torch.sparse_csr_tensor(rows, columns, hidden, shape),
+                        self.lora_B.reshape(shape[1], -1))
         return out
 
 
