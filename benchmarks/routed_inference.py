@@ -103,9 +103,25 @@ def set_path(model, path: str) -> None:
             m.path = path
 
 
-def timed(fn, repeats: int, device: str) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up call."""
-    fn()
+def progress(message: str) -> None:
+    """A line on stderr, so that a child that times out shows how far it got."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def compare_logits(ours: torch.Tensor, theirs: torch.Tensor) -> dict:
+    """Max difference relative to the largest logit, and how many tokens differ by more than
+    1e-4 of it (a top-k choice that flips on a near-tie changes a token's logits visibly)."""
+    scale = theirs.abs().max()
+    per_token = (ours - theirs).abs().amax(-1) / scale
+    return {"max_rel_diff": float(per_token.max()),
+            "tokens_differing": int((per_token > 1e-4).sum()), "tokens": per_token.numel()}
+
+
+def timed(fn, repeats: int, device: str, warm_up: bool = True) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up call (unless the caller warmed
+    up already)."""
+    if warm_up:
+        fn()
     times = []
     for _ in range(repeats):
         if device == "cuda":
@@ -240,18 +256,26 @@ def peft_arrow(experts: int, args) -> dict:
     result = {"experts": experts}
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         paths = write_peft_adapters(loras, Path(tmp))
+        progress(f"{experts} PEFT adapters written")
         route_synthetic(model, loras, "arrow")
-        ours = model(ids).logits
-        result["phatgoose_arrow_prefill_s"] = timed(lambda: model(ids), args.repeats, device)
+        ours = model(ids).logits  # also the warm-up
+        result["phatgoose_arrow_prefill_s"] = timed(lambda: model(ids), args.repeats, device,
+                                                    warm_up=False)
+        progress(f"phatgoose arrow: {result['phatgoose_arrow_prefill_s']:.1f} s per prefill")
         model = loras = None  # free our copy before PEFT loads its own
+        start = time.perf_counter()
         peft_model = create_arrow_model(base_model(device, dtype), paths,
                                         ArrowConfig(top_k=TOP_K, router_temperature=1.0))
         peft_model.to(device, dtype).eval()
+        result["peft_load_s"] = time.perf_counter() - start
+        progress(f"PEFT create_arrow_model: {result['peft_load_s']:.1f} s")
         try:
-            theirs = peft_model(input_ids=ids).logits
+            start = time.perf_counter()
+            theirs = peft_model(input_ids=ids).logits  # also the warm-up
+            progress(f"PEFT first prefill: {time.perf_counter() - start:.1f} s")
             result["peft_arrow_prefill_s"] = timed(lambda: peft_model(input_ids=ids),
-                                                   args.repeats, device)
-            result["max_rel_diff"] = float((ours - theirs).abs().max() / theirs.abs().max())
+                                                   args.repeats, device, warm_up=False)
+            result |= compare_logits(ours, theirs)
         except torch.OutOfMemoryError as err:
             result["peft_error"] = f"out of memory: {err}".splitlines()[0]
     result["rss_gib"] = peak_rss_gib()
@@ -359,8 +383,11 @@ def child(flag: str, experts: int, args) -> dict:
     print("$", " ".join(cmd[1:]), flush=True)
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
-    except subprocess.TimeoutExpired:
-        return {"experts": experts, "error": f"timed out after {args.child_timeout} s"}
+    except subprocess.TimeoutExpired as err:
+        stderr = err.stderr.decode() if isinstance(err.stderr, bytes) else err.stderr or ""
+        reached = [line for line in stderr.splitlines() if line.startswith("[")]
+        return {"experts": experts, "error": f"timed out after {args.child_timeout} s",
+                "progress": reached}
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         return {"experts": experts, "error": f"exit {done.returncode}: {tail[0]}"}
@@ -385,17 +412,20 @@ def report(results: dict) -> None:
               f"| {decode[1]:.2f}x | {r['rss_routed_gib']:.2f} | {r['library_gib']:.2f} "
               f"| {r['sparse_vs_dense_max_rel_diff']:.1e} |")
     if results.get("peft"):
-        print("\n| E | phatgoose arrow (s) | PEFT arrow (s) | speed-up | max rel diff |")
-        print("|---:|---:|---:|---:|---:|")
+        print("\n| E | phatgoose arrow (s) | PEFT arrow (s) | speed-up | max rel diff "
+              "| tokens differing by > 1e-4 |")
+        print("|---:|---:|---:|---:|---:|---:|")
         for r in results["peft"]:
             if "peft_arrow_prefill_s" in r:
                 print(f"| {r['experts']} | {r['phatgoose_arrow_prefill_s']:.2f} "
                       f"| {r['peft_arrow_prefill_s']:.2f} "
                       f"| {r['peft_arrow_prefill_s'] / r['phatgoose_arrow_prefill_s']:.1f}x "
-                      f"| {r['max_rel_diff']:.1e} |")
+                      f"| {r['max_rel_diff']:.1e} "
+                      f"| {r.get('tokens_differing', '-')} of {r.get('tokens', '-')} |")
             else:
+                reached = f" (last step reached: {r['progress'][-1]})" if r.get("progress") else ""
                 print(f"| {r['experts']} | {r.get('phatgoose_arrow_prefill_s', '-')} "
-                      f"| {r.get('peft_error') or r.get('error')} | | |")
+                      f"| {r.get('peft_error') or r.get('error')}{reached} | | | |")
     if results.get("compiled_decode"):
         print("\n| E | batch | base eager (ms/token) | routed eager | ratio | base compiled "
               "| routed compiled | ratio | compile s (base, routed) |")
