@@ -170,9 +170,10 @@ def _load_checkpoint(
         tensors = read_safetensors(path / "state.safetensors")
     except PhatgooseError:
         return None
-    if meta.get("key") != key:
+    names = {n: i for i, n in enumerate(params)}
+    needed = {"rng", *(f"{kind}.{n}" for n in names for kind in ("param", "best"))}
+    if meta.get("key") != key or not needed <= tensors.keys():
         return None
-    names = list(params)
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[f"param.{n}"])
@@ -180,7 +181,7 @@ def _load_checkpoint(
     for name, tensor in tensors.items():
         if name.startswith("optim."):
             param, _, field = name[len("optim."):].rpartition(".")
-            moments.setdefault(names.index(param), {})[field] = tensor
+            moments.setdefault(names[param], {})[field] = tensor
     optimizer.load_state_dict({"state": moments, "param_groups": meta["param_groups"]})
     schedule.load_state_dict(meta["schedule"])
     torch.set_rng_state(tensors["rng"])
