@@ -264,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--debug", action="store_true")
     bb.set_defaults(func=cmd_data_bigbench)
 
-    p = command("train-expert", "train one LoRA expert on a task (PEFT adapter + expert.json)",
+    p = command("train-expert", "train one LoRA expert on a task (PEFT adapter + expert.json); "
+                "checkpoints every 25 steps and resumes when rerun after an interruption",
                 cmd_train_expert)
     model_arg(p)
     p.add_argument("--task", required=True,
@@ -275,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, SplitConfig, "data splits", prefix="split_")
     add_dataclass_args(p, ExpertConfig, "expert training")
 
-    p = command("train-gate", "train the PHATGOOSE gate of a trained expert (post hoc)",
+    p = command("train-gate", "train the PHATGOOSE gate of a trained expert (post hoc); "
+                "checkpoints and resumes like train-expert",
                 cmd_train_gate)
     model_arg(p)
     p.add_argument("expert", help="expert directory (from train-expert)")
