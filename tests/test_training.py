@@ -112,13 +112,16 @@ def test_interrupted_training_resumes_from_its_checkpoint_as_if_never_stopped(
     llama, tmp_path, monkeypatch
 ):
     examples = toy_examples(20)
-    config = ExpertConfig(**{**FAST, "steps": 10})
+    # warm-up over half the steps and 2 forwards per step: the schedule and the batch stream
+    # must both be restored to their place
+    config = ExpertConfig(**{**FAST, "steps": 10, "eval_every": 2, "warmup_fraction": 0.5,
+                             "grad_accum": 2, "batch_size": 2})
     reference = train_expert(llama, "toy", examples[:16], examples[16:], tmp_path / "ref", config)
     real, calls = loop.token_nll, {"n": 0}
 
     def interrupted(model, batch, seq2seq):
-        calls["n"] += 1
-        if calls["n"] == 10:  # during step 8: after step 6's checkpoint
+        calls["n"] += 1  # per step 2 training calls, and every 2 steps 2 validation calls
+        if calls["n"] == 22:  # during step 8: after step 6's checkpoint
             raise KeyboardInterrupt
         return real(model, batch, seq2seq)
 

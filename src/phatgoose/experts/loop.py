@@ -121,14 +121,19 @@ def write_dir_atomically(out: Path, fill) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _run_key(params: dict[str, nn.Parameter], data: list[Encoded], config: TrainConfig) -> str:
+def _run_key(
+    params: dict[str, nn.Parameter], data: list[Encoded], val_data: list[Encoded],
+    config: TrainConfig, identity: str,
+) -> str:
     """What a checkpoint must match to be resumed: the settings, the trained tensors' names
-    and shapes, and the training data."""
+    and shapes, the training and validation data, and the caller's ``identity`` of what is
+    frozen (the base model, and for a gate its expert)."""
     digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    digest.update(identity.encode())
     for name, p in params.items():
         digest.update(f"{name}{tuple(p.shape)}".encode())
-    for e in data:
-        digest.update(repr((e.input_ids, e.labels)).encode())
+    for e in [*data, None, *val_data]:
+        digest.update(repr(e and (e.input_ids, e.labels)).encode())
     return digest.hexdigest()[:16]
 
 
@@ -147,6 +152,9 @@ def _save_checkpoint(
     for index, values in state["state"].items():
         tensors |= {f"optim.{names[index]}.{k}": v for k, v in values.items()}
     tensors["rng"] = torch.get_rng_state()
+    device = next(iter(params.values())).device
+    if device.type == "cuda":  # dropout on a GPU draws from its own generator
+        tensors["cuda_rng"] = torch.cuda.get_rng_state(device)
     meta = {"key": key, "step": step, "best_loss": best_loss, "best_step": best_step,
             "seconds": seconds, "param_groups": state["param_groups"],
             "schedule": schedule.state_dict()}
@@ -172,19 +180,27 @@ def _load_checkpoint(
         return None
     names = {n: i for i, n in enumerate(params)}
     needed = {"rng", *(f"{kind}.{n}" for n in names for kind in ("param", "best"))}
-    if meta.get("key") != key or not needed <= tensors.keys():
+    fields = {"step", "best_loss", "best_step", "seconds", "param_groups", "schedule"}
+    if meta.get("key") != key or not needed <= tensors.keys() or not fields <= meta.keys():
         return None
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(tensors[f"param.{n}"])
     moments: dict[int, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         if name.startswith("optim."):
             param, _, field = name[len("optim."):].rpartition(".")
+            if param not in names:
+                return None
             moments.setdefault(names[param], {})[field] = tensor
-    optimizer.load_state_dict({"state": moments, "param_groups": meta["param_groups"]})
-    schedule.load_state_dict(meta["schedule"])
+    try:  # the optimiser and schedule first: a bad checkpoint leaves the parameters untouched
+        optimizer.load_state_dict({"state": moments, "param_groups": meta["param_groups"]})
+        schedule.load_state_dict(meta["schedule"])
+    except (KeyError, ValueError, TypeError):
+        return None
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[f"param.{n}"])
     torch.set_rng_state(tensors["rng"])
+    if "cuda_rng" in tensors and next(iter(params.values())).is_cuda:
+        torch.cuda.set_rng_state(tensors["cuda_rng"], next(iter(params.values())).device)
     best = {n: tensors[f"best.{n}"] for n in names}
     return meta["step"], best, meta["best_loss"], meta["best_step"], meta["seconds"]
 
@@ -201,6 +217,7 @@ def train(
     desc: str = "train",
     checkpoint: Path | None = None,
     checkpoint_every: int = 25,
+    identity: str = "",
 ) -> TrainResult:
     """Train ``params`` (everything else must be frozen) and leave the best ones in place.
 
@@ -210,9 +227,9 @@ def train(
     ``TrainResult.diverged_at`` says where.
 
     With ``checkpoint`` (a directory), the whole state is saved there every
-    ``checkpoint_every`` steps, and a later call with the same settings, parameters and data
-    resumes from it and ends where an uninterrupted run would have; the directory is removed
-    when training ends."""
+    ``checkpoint_every`` steps, and a later call with the same settings, parameters, data and
+    ``identity`` (of the frozen model) resumes from it and ends where an uninterrupted run
+    would have. The caller removes the directory once it has saved the result."""
     if not train_data:
         raise DataError("no training examples: the task's train split is empty")
     device = next(model.parameters()).device
@@ -225,7 +242,7 @@ def train(
     snapshot = {k: p.detach().clone() for k, p in params.items()}  # last good parameters
     best, best_loss, best_step = dict(snapshot), None, 0
     diverged_at, started, earlier_seconds, start = None, time.time(), 0.0, 0
-    key = _run_key(params, train_data, config) if checkpoint else ""
+    key = _run_key(params, train_data, val_data, config, identity) if checkpoint else ""
     stream = batches(train_data, config.batch_size, config.seed, config.length_window)
     if checkpoint and (restored := _load_checkpoint(checkpoint, key, params, optimizer,
                                                     schedule)):
@@ -272,8 +289,6 @@ def train(
             _save_checkpoint(checkpoint, key, step, params, best, best_loss, best_step,
                              optimizer, schedule, earlier_seconds + time.time() - started)
     bar.close()
-    if checkpoint:
-        shutil.rmtree(checkpoint, ignore_errors=True)
     model.eval()
     if diverged_at is not None or not val_data:
         best, best_step, best_loss = snapshot, step - (diverged_at is not None), None

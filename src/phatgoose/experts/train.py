@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from phatgoose.data.tasks import Example
 from phatgoose.errors import LibraryError, PhatgooseError
 from phatgoose.experts.loop import TrainConfig, raise_if_diverged, train, write_dir_atomically
 from phatgoose.library.expert import (
+    ADAPTER_WEIGHTS,
     EXPERT_META,
     GATES,
     load_lora,
@@ -97,12 +100,13 @@ def train_expert(
     for p in params.values():
         p.requires_grad_(True)
     logger = MetricLogger(log_path, tensorboard_dir)
+    checkpoint = out.parent / f".{out.name}.checkpoint"
     try:
         result = train(  # LoRA layers are injected in place: train through the HF model
             model, params, encode_examples(base, train_examples, config),
             encode_examples(base, val_examples, config), base.tokenizer.pad_token_id,
             base.is_seq2seq, config, logger, desc=f"expert {task}",
-            checkpoint=out.parent / f".{out.name}.checkpoint", checkpoint_every=checkpoint_every,
+            checkpoint=checkpoint, checkpoint_every=checkpoint_every, identity=base.fingerprint,
         )
         metadata = {
             "task": task,
@@ -129,6 +133,7 @@ def train_expert(
             write_json(tmp / EXPERT_META, metadata)
 
         write_dir_atomically(out, fill)
+        shutil.rmtree(checkpoint, ignore_errors=True)  # only once the expert is saved
     finally:
         logger.close()
         peft_model.unload()  # removes the LoRA layers, restoring the base modules
@@ -168,13 +173,16 @@ def train_gate(
         set_module(model, module, RoutedLinear.from_experts(layer, [weights], gates[module]))
     params = {m: g.vectors for m, g in gates.items()}
     logger = MetricLogger(log_path, tensorboard_dir)
+    checkpoint = expert_dir.parent / f".{expert_dir.name}.gate-checkpoint"
+    # a retrained expert or another base model must not resume this gate's checkpoint
+    identity = base.fingerprint + hashlib.sha256(
+        (expert_dir / ADAPTER_WEIGHTS).read_bytes()).hexdigest()
     try:
         result = train(
             model, params, encode_examples(base, train_examples, config),
             encode_examples(base, val_examples, config), base.tokenizer.pad_token_id,
             base.is_seq2seq, config, logger, desc=f"gate {metadata.get('task', expert_dir.name)}",
-            checkpoint=expert_dir.parent / f".{expert_dir.name}.gate-checkpoint",
-            checkpoint_every=checkpoint_every,
+            checkpoint=checkpoint, checkpoint_every=checkpoint_every, identity=identity,
         )
         write_safetensors(expert_dir / GATES, {m: v[0] for m, v in params.items()})
         metadata["gate"] = {
@@ -186,6 +194,7 @@ def train_gate(
             "resumed_from_step": result.resumed_from,
         }
         write_json(expert_dir / EXPERT_META, metadata)
+        shutil.rmtree(checkpoint, ignore_errors=True)  # only once the gate is saved
     finally:
         logger.close()
         unroute(model)
