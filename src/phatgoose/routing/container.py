@@ -154,11 +154,14 @@ class RoutedLinear(nn.Module):
             self.rank, device=experts.device)).reshape(-1)
         rows = torch.arange(0, n * k * self.rank + 1, k * self.rank, device=experts.device)
         shape = (n, self.num_experts * self.rank)
-        pattern = torch.sparse_csr_tensor(rows, columns, flat_x.new_zeros(columns.shape), shape)
+        # the indices are valid by construction: skip torch's invariant checks, explicitly
+        pattern = torch.sparse_csr_tensor(rows, columns, flat_x.new_zeros(columns.shape), shape,
+                                          check_invariants=False)
         hidden = torch.sparse.sampled_addmm(
             pattern, flat_x, self.lora_A.reshape(shape[1], -1).T, beta=0.0).values()
         hidden = (hidden.view(n, k, self.rank) * weights.unsqueeze(-1)).reshape(-1)
-        flat_out.addmm_(torch.sparse_csr_tensor(rows, columns, hidden, shape),
+        flat_out.addmm_(torch.sparse_csr_tensor(rows, columns, hidden, shape,
+                                                check_invariants=False),
                         self.lora_B.reshape(shape[1], -1))
         return out
 
