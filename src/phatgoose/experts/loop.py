@@ -8,10 +8,7 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -23,7 +20,13 @@ from tqdm.auto import tqdm
 
 from phatgoose.data.encode import Encoded, collate, token_nll
 from phatgoose.errors import DataError, PhatgooseError, TrainingDivergedError
-from phatgoose.library.expert import read_json, read_safetensors, write_json, write_safetensors
+from phatgoose.library.expert import (
+    read_json,
+    read_safetensors,
+    write_dir_atomically,
+    write_json,
+    write_safetensors,
+)
 from phatgoose.logging import MetricLogger
 
 
@@ -106,19 +109,6 @@ def validation_loss(
             nll, mask = token_nll(model, batch, seq2seq)
         total, count = total + nll.sum().item(), count + mask.sum().item()
     return total / max(count, 1)
-
-
-def write_dir_atomically(out: Path, fill) -> None:
-    """Create ``out`` by filling a temporary sibling directory, then renaming it."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        fill(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _run_key(

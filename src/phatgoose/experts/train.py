@@ -13,13 +13,14 @@ from peft import LoraConfig, get_peft_model
 from phatgoose.data.encode import Encoded, encode
 from phatgoose.data.tasks import Example
 from phatgoose.errors import LibraryError, PhatgooseError
-from phatgoose.experts.loop import TrainConfig, raise_if_diverged, train, write_dir_atomically
+from phatgoose.experts.loop import TrainConfig, raise_if_diverged, train
 from phatgoose.library.expert import (
     ADAPTER_WEIGHTS,
     EXPERT_META,
     GATES,
     load_lora,
     load_metadata,
+    write_dir_atomically,
     write_json,
     write_safetensors,
 )

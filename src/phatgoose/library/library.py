@@ -13,7 +13,6 @@ import hashlib
 import json
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from phatgoose.library.expert import (
     load_metadata,
     put_expert,
     read_json,
+    write_dir_atomically,
     write_json,
     write_safetensors,
 )
@@ -88,17 +88,13 @@ class ExpertLibrary:
         if root.exists() and any(root.iterdir()):
             raise LibraryError(f"{root} exists and is not empty: choose a new library folder")
         meta = load_metadata(Path(expert_dirs[0]))
-        root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp-"))
-        try:
+
+        def fill(tmp: Path) -> None:
             library = cls.create(tmp, meta["base_model"], meta["base_fingerprint"])
             for expert_dir in expert_dirs:
                 library.add(expert_dir)
-            if root.exists():
-                root.rmdir()
-            tmp.rename(root)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        write_dir_atomically(root, fill)  # root is absent or empty (checked above)
         return cls(root)
 
     def add(self, expert_dir: Path | str, name: str | None = None) -> str:
@@ -119,13 +115,12 @@ class ExpertLibrary:
         lora = load_lora(expert_dir)
         gates = load_gates(expert_dir)
         self._check_gates(name, lora, gates)
-        tmp = Path(tempfile.mkdtemp(dir=self.root / "experts", prefix=".tmp-"))
-        try:
+
+        def fill(tmp: Path) -> None:
             for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPERT_META, GATES):
                 shutil.copy2(expert_dir / file, tmp / file)
-            tmp.rename(self.root / "experts" / name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        write_dir_atomically(self.root / "experts" / name, fill)
         first = next(iter(lora.values()))
         entry = {
             "name": name,
