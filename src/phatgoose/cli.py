@@ -62,7 +62,7 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, prefix: str = "") -
 def _load_base(args):
     from phatgoose.models import load_base_model
 
-    return load_base_model(args.model)
+    return load_base_model(args.model, device=getattr(args, "device", "cpu"))  # verify: cpu
 
 
 def _splits(args, source: str):
@@ -252,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     def model_arg(p):
         p.add_argument("--model", default=EMBEDDED,
                        help=f"base model: local path, cached hub id, or {EMBEDDED} (default)")
+        p.add_argument("--device", default="auto",
+                       help="where the base model runs: auto (the GPU if torch sees one; "
+                       "default), cpu, cuda or cuda:N")
 
     data = command("data", "fetch data sets into the local cache", None)
     data_sub = data.add_subparsers(dest="source", required=True, metavar="SOURCE")

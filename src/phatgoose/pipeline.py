@@ -83,6 +83,7 @@ class PipelineConfig:
     """One run: train an expert and a gate per held-in task, build the library, evaluate."""
 
     model: str = EMBEDDED_MODEL
+    device: str = "auto"  # where the base model runs: auto (the GPU if torch sees one), cpu, cuda
     workdir: str = "runs/demo"
     experts: list[str] = field(default_factory=list)  # held-in tasks, one expert each
     eval_tasks: list[str] = field(default_factory=list)  # held-out tasks
@@ -140,9 +141,9 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
     timings["data"] = time.time() - t
 
     t = time.time()
-    base = load_base_model(config.model)
+    base = load_base_model(config.model, device=config.device)
     timings["load model"] = time.time() - t
-    log(f"base model {base.name} (fingerprint {base.fingerprint})")
+    log(f"base model {base.name} on {base.model.device} (fingerprint {base.fingerprint})")
 
     expert_dirs = []
     t = time.time()

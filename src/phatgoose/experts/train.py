@@ -170,8 +170,9 @@ def train_gate(
     gates: dict[str, SigmoidGate] = {}
     for module, weights in lora.items():
         layer = model.get_submodule(module)
-        gates[module] = SigmoidGate(weights.A.shape[1]).to(layer.weight.device)
-        set_module(model, module, RoutedLinear.from_experts(layer, [weights], gates[module]))
+        gates[module] = SigmoidGate(weights.A.shape[1])
+        routed = RoutedLinear.from_experts(layer, [weights], gates[module])
+        set_module(model, module, routed.to(layer.weight.device))  # the LoRA loads on the CPU
     params = {m: g.vectors for m, g in gates.items()}
     logger = MetricLogger(log_path, tensorboard_dir)
     checkpoint = expert_dir.parent / f".{expert_dir.name}.gate-checkpoint"

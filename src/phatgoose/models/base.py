@@ -82,9 +82,23 @@ class BaseModel:
         return bool(self.model.config.is_encoder_decoder)
 
 
-def load_base_model(name: str = EMBEDDED_MODEL, dtype: torch.dtype = torch.float32) -> BaseModel:
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto``: the GPU when torch sees one, else the CPU; anything else as torch spells it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ModelError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} asked for, but torch sees no GPU: use auto or cpu")
+    return resolved
+
+
+def load_base_model(name: str = EMBEDDED_MODEL, dtype: torch.dtype = torch.float32,
+                    device: str = "cpu") -> BaseModel:
     """Load a causal or seq2seq LM from a local path, a hub id (local cache only) or the
-    embedded default. Never touches the network."""
+    embedded default, onto ``device`` (see ``resolve_device``). Never touches the network."""
     path = str(embedded_model_dir()) if name == EMBEDDED_MODEL else name
     try:  # local_files_only: a hub id resolves in the local cache, never over the network
         config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -96,7 +110,7 @@ def load_base_model(name: str = EMBEDDED_MODEL, dtype: torch.dtype = torch.float
             f"cannot load base model {name!r}: {str(err).splitlines()[0]} "
             "(give a local directory, or a hub id already in the local cache)"
         ) from err
-    return wrap_model(model, tokenizer, name)
+    return wrap_model(model.to(resolve_device(device)), tokenizer, name)
 
 
 def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str) -> BaseModel:

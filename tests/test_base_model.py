@@ -1,0 +1,37 @@
+"""Loading a base model: where it runs (``device``) and the errors for what cannot be had."""
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from phatgoose.errors import ModelError
+from phatgoose.models.base import load_base_model, resolve_device
+
+
+def test_auto_picks_the_gpu_only_when_torch_sees_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_unusable_devices_are_refused_in_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ModelError, match="torch sees no GPU: use auto or cpu"):
+        resolve_device("cuda")
+    with pytest.raises(ModelError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")
+
+
+def test_load_base_model_puts_the_model_on_the_device(tokenizer, tmp_path):
+    model_dir = tmp_path / "tiny"
+    tiny_llama(len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    base = load_base_model(str(model_dir), device="cpu")
+    assert {p.device for p in base.model.parameters()} == {torch.device("cpu")}
+    assert not any(p.requires_grad for p in base.model.parameters())
+    assert base.fingerprint == load_base_model(str(model_dir), device="auto").fingerprint
+    with pytest.raises(ModelError, match="cannot load base model"):
+        load_base_model(str(tmp_path / "missing"))
