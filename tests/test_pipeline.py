@@ -7,6 +7,7 @@ from conftest import tiny_llama
 
 from phatgoose import pipeline
 from phatgoose.eval.report import write_report
+from phatgoose.eval.stats import paired_bootstrap
 from phatgoose.pipeline import ORACLE, OWN_EXPERT, PipelineConfig, run_pipeline
 
 METHODS = ["base", "phatgoose", "arrow", "average-activation", "retrieval", "uniform",
@@ -56,6 +57,18 @@ def test_pipeline_runs_every_method_and_resumes(tokenizer, tmp_path, monkeypatch
     assert mt["config"]["steps"] == 2 * 3  # compute equal to the experts' combined steps
     assert first["table"].splitlines()[0] == "| method | held | parity | colors | average |"
     assert not any("cached" in m for m in messages)
+    # before the gates, each held-in expert was checked against the base model on its own
+    # test split, with the paired interval that the report recomputes from the predictions
+    for task in ("parity", "colors"):
+        check = next(m for m in messages if m.startswith(f"expert {task}: "))
+        own, base = rows[OWN_EXPERT]["tasks"][task], rows["base"]["tasks"][task]
+        assert f"{own['accuracy']:.3f} on its test split against {base['accuracy']:.3f}" in check
+        preds = {m: [json.loads(line)["correct"] for line in
+                     (tmp_path / "run" / f"predictions-{m}.jsonl").read_text().splitlines()
+                     if json.loads(line)["task"] == task] for m in (f"expert_{task}", "base")}
+        diff, low, high = paired_bootstrap(preds[f"expert_{task}"], preds["base"])
+        assert f"expert - base {diff:+.3f} [{low:+.3f}, {high:+.3f}]" in check
+        assert check.endswith("beats the base model" if low > 0 else "tune it")
     shares = json.loads((tmp_path / "run" / "routing_shares.json").read_text())
     for task in ("parity", "colors", "held"):
         for module_shares in shares["tasks"][task].values():
@@ -68,6 +81,9 @@ def test_pipeline_runs_every_method_and_resumes(tokenizer, tmp_path, monkeypatch
     monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: calls.append(a))
     second = run_pipeline(config, log=messages.append)
     assert sum("cached" in m for m in messages) == 5  # 2 experts, 2 gates, multitask
+    checks = [i for i, m in enumerate(messages) if "on its test split" in m]
+    gates = [i for i, m in enumerate(messages) if m.startswith("gate ")]
+    assert len(checks) == 2 and len(gates) == 2 and max(checks) < min(gates)
     assert calls == []  # every (method, task) evaluation came from the cache
     assert second["summaries"] == rows
     # the cost of each stage is what its cached items recorded when they were made
@@ -78,7 +94,7 @@ def test_pipeline_runs_every_method_and_resumes(tokenizer, tmp_path, monkeypatch
     assert len(metas) == 2
     assert compute["train experts"] == round(sum(m["metrics"]["train_seconds"] for m in metas), 1)
     assert {"train gates", "train multitask", "eval base", "eval phatgoose",
-            "eval single experts"} <= set(compute)
+            "eval single experts", "eval own experts"} <= set(compute)
     assert second["timings_s"]["train experts"] < compute["train experts"] + 1
 
     report = write_report(tmp_path / "run", second, "Results", "phatgoose bench x.yaml")

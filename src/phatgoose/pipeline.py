@@ -33,9 +33,10 @@ from phatgoose.eval.evaluate import (
     summary,
     write_predictions,
 )
+from phatgoose.eval.stats import paired_bootstrap
 from phatgoose.experts.train import ExpertConfig, GateConfig, train_expert, train_gate
 from phatgoose.library.expert import EXPERT_META, GATES, read_json, write_json
-from phatgoose.library.library import MANIFEST, ExpertLibrary, expert_name
+from phatgoose.library.library import MANIFEST, ExpertLibrary, default_expert_name, expert_name
 from phatgoose.models import EMBEDDED_MODEL, BaseModel, load_base_model
 from phatgoose.routing.attach import AVERAGE_ACTIVATION, route, unroute
 from phatgoose.routing.retrieval import (
@@ -161,6 +162,24 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
         _stamp(out / EXPERT_META, cache_key=key)
     timings["train experts"] = time.time() - t
 
+    # each (evaluated) expert against the base model on its own test split, before gates,
+    # library and evaluations are built on it: an expert that learned nothing shows here
+    cache = work / "eval"
+    method_keys = {"base": config_key(base.fingerprint)}  # evaluations not routed by a library
+    own_sets = {s: splits[s].test for s in config.experts
+                if any(s in ts for ts in suites.values())}
+    own_results: dict[str, TaskResult] = {}
+    t = time.time()
+    for source, out in zip(config.experts, expert_dirs):
+        name = default_expert_name(out)  # as the library will call it
+        method_keys[f"single:{name}"] = read_json(out / EXPERT_META)["cache_key"]
+        if source in own_sets:
+            own_results[tasks[source].name] = check_expert(
+                base, out, name, tasks[source].name, own_sets[source], config.eval, cache,
+                method_keys["base"], work, log)
+    if own_results:
+        timings["eval own experts"] = time.time() - t
+
     t = time.time()
     for source, out in zip(config.experts, expert_dirs):
         key = config_key(read_json(out / EXPERT_META)["cache_key"], asdict(config.gate))
@@ -220,23 +239,18 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
     held_out = {t: e for t, e in eval_sets.items() if t not in own}
     routed = [m for m in config.methods if m != "multitask"]
     routed += [f"phatgoose@k{k}" for k in config.top_k_ablation if k != config.top_k]
-    cache = work / "eval"
     route_key = config_key(lib_key, config.top_k, config.temperature, config.vector_examples)
     options = {"top_k": config.top_k, "temperature": config.temperature}
     rows: dict[str, dict] = {}
     if held_out:
         rows = evaluate_methods(base, library, held_out, routed, config.eval, work, timings,
-                                cache=cache, cache_key=route_key, **options)
+                                cache=cache, cache_key=route_key, method_keys=method_keys,
+                                **options)
     if held_in:
         in_rows = evaluate_methods(base, library, held_in, [m for m in routed if m != "oracle"],
                                    config.eval, work, timings, cache=cache, cache_key=route_key,
-                                   **options)
-        for task, name in own.items():
-            if task in held_in:
-                in_rows.update(evaluate_methods(
-                    base, library, {task: held_in[task]}, [f"single:{name}"], config.eval, work,
-                    timings, cache=cache, cache_key=route_key, **options))
-        own_tasks = {t: {**in_rows.pop(f"single:{own[t]}")["tasks"][t], "expert": own[t]}
+                                   method_keys=method_keys, **options)
+        own_tasks = {t: {**summary({t: own_results[t]})["tasks"][t], "expert": own[t]}
                      for t in held_in}
         rows = _merge_rows(rows, in_rows, {OWN_EXPERT: {"tasks": own_tasks}})
     if "multitask" in config.methods:
@@ -312,9 +326,36 @@ def _task_file(task: str) -> str:
 
 
 def _eval_stage(method: str) -> str:
-    """The stage a method's evaluation is timed under: single experts (the oracle's and each
-    held-in task's own) as one stage."""
+    """The stage a method's evaluation is timed under: single experts (the oracle's) as one
+    stage, held-in tasks' own experts as another."""
+    if method.startswith("expert:"):
+        return "eval own experts"
     return "eval single experts" if method.startswith("single") else f"eval {method}"
+
+
+def check_expert(
+    base: BaseModel, expert_dir: Path, name: str, task: str, test: list[Example],
+    config: EvalConfig, cache: Path, base_key: str, out: Path, log: Callable[[str], Any],
+) -> TaskResult:
+    """Evaluate the base model and the expert (its PEFT adapter on the base model) on the
+    expert's own test split, each cached; log both accuracies and the paired bootstrap interval
+    of expert minus base, with a warning when it does not lie above 0. Returns the expert's."""
+    sets = {task: test}
+    base_result = _cached_evaluate(
+        cache, base_key, "base", sets, config,
+        lambda s: evaluate(base, s, config, desc="eval base"))[task]
+    expert_key = read_json(expert_dir / EXPERT_META)["cache_key"]
+    result = _cached_evaluate(
+        cache, expert_key, f"expert:{name}", sets, config,
+        lambda s: evaluate_adapter(base, expert_dir, s, config))[task]
+    write_predictions(out / f"predictions-expert_{name}.jsonl", {task: result})
+    diff, low, high = paired_bootstrap([p["correct"] for p in result.predictions],
+                                       [p["correct"] for p in base_result.predictions])
+    verdict = "beats the base model" if low > 0 else "does NOT beat the base model: tune it"
+    log(f"expert {name}: {result.accuracy:.3f} on its test split against "
+        f"{base_result.accuracy:.3f} for the base model; expert - base {diff:+.3f} "
+        f"[{low:+.3f}, {high:+.3f}] (paired 95%): {verdict}")
+    return result
 
 
 def _merge_rows(*parts: dict[str, dict]) -> dict[str, dict]:
@@ -357,11 +398,12 @@ def evaluate_methods(
     base: BaseModel, library: ExpertLibrary | None, eval_sets: dict[str, list[Example]],
     methods: list[str], config: EvalConfig, out: Path | None,
     timings: dict[str, float] | None = None, cache: Path | None = None, cache_key: str = "",
-    **route_options: Any,
+    method_keys: dict[str, str] | None = None, **route_options: Any,
 ) -> dict[str, dict]:
     """Evaluate each method ("base", or a routing method over the library, routed with
     ``route_options`` such as top_k; "phatgoose@k<K>" overrides top_k) on the same sets.
-    With ``cache``, each (method, task) result is cached (see ``_cached_evaluate``).
+    With ``cache``, each (method, task) result is cached (see ``_cached_evaluate``) under
+    ``method_keys[method]`` if given (what that method depends on), else ``cache_key``.
 
     "oracle" evaluates every single expert and keeps, per task, the best one: an upper bound
     for choosing one expert per task, which peeks at the test labels (its row says so)."""
@@ -372,7 +414,7 @@ def evaluate_methods(
         singles = [f"single:{n}" for n in library.names if f"single:{n}" not in methods]
         rows = evaluate_methods(base, library, eval_sets,
                                 [m for m in methods if m != "oracle"] + singles, config, out,
-                                timings, cache, cache_key, **route_options)
+                                timings, cache, cache_key, method_keys, **route_options)
         rows[ORACLE] = oracle_summary({m: rows[m] for m in rows if m.startswith("single:")})
         for m in singles:  # computed for the oracle, not asked for
             rows.pop(m)
@@ -397,7 +439,8 @@ def evaluate_methods(
                     return evaluate(base, sets, config, desc=f"eval {method}")
                 finally:
                     unroute(base.model)
-        results = _cached_evaluate(cache, cache_key, method, eval_sets, config, run)
+        key = (method_keys or {}).get(method, cache_key)
+        results = _cached_evaluate(cache, key, method, eval_sets, config, run)
         rows[method] = summary(results)
         if out is not None:
             write_predictions(out / f"predictions-{method.replace(':', '_')}.jsonl", results)

@@ -16,7 +16,8 @@ from phatgoose.eval.stats import average_ci, bootstrap_ci, paired_bootstrap
 
 def _correct(work: Path, rows: dict, method: str, task: str) -> list[float]:
     if "expert" in rows[method]["tasks"][task]:  # oracle / own expert: that single expert's
-        method = "single:" + rows[method]["tasks"][task]["expert"]
+        prefix = "expert:" if method.startswith("own expert") else "single:"
+        method = prefix + rows[method]["tasks"][task]["expert"]
     path = work / f"predictions-{method.replace(':', '_')}.jsonl"
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     return [float(p["correct"]) for p in lines if p["task"] == task]

@@ -47,6 +47,11 @@ def expert_name(task: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", ".", task).strip(".")
 
 
+def default_expert_name(expert_dir: Path | str) -> str:
+    """The name an expert gets in a library unless given one: from its task, else its folder."""
+    return expert_name(load_metadata(Path(expert_dir)).get("task") or Path(expert_dir).name)
+
+
 class ExpertLibrary:
     """Read and extend a library directory. Tensors are loaded lazily, per expert."""
 
@@ -101,7 +106,7 @@ class ExpertLibrary:
         """Copy a trained expert (adapter + gate + metadata) into the library."""
         expert_dir = Path(expert_dir)
         meta = load_metadata(expert_dir)
-        name = name or expert_name(meta.get("task") or expert_dir.name)
+        name = name or default_expert_name(expert_dir)
         if not _NAME.match(name):
             raise LibraryError(f"invalid expert name {name!r}: use letters, digits, '.', '_', '-'")
         if name in self.names:
