@@ -3,9 +3,11 @@ that trains nothing (everything cached)."""
 
 import json
 
+import pytest
 from conftest import tiny_llama
 
 from phatgoose import pipeline
+from phatgoose.errors import PhatgooseError
 from phatgoose.eval.report import write_report
 from phatgoose.eval.stats import paired_bootstrap
 from phatgoose.pipeline import ORACLE, OWN_EXPERT, PipelineConfig, run_pipeline
@@ -113,3 +115,15 @@ def test_pipeline_runs_every_method_and_resumes(tokenizer, tmp_path, monkeypatch
     base_row = next(r for r in csv_rows if r.startswith("held-out,base,held,"))
     accuracy, low, high = map(float, base_row.split(",")[4:])
     assert accuracy == rows["base"]["tasks"]["held"]["accuracy"] and low <= accuracy <= high
+
+
+def test_expert_overrides_change_one_recipe_and_bad_ones_are_refused():
+    base = {"experts": ["a.jsonl", "b.jsonl"], "expert": {"steps": 300, "lr": 1e-3}}
+    config = PipelineConfig.from_dict({**base, "expert_overrides": {"b.jsonl": {"steps": 600}}})
+    assert config.expert_config("a.jsonl") == config.expert  # untouched: same cache key
+    assert (config.expert_config("b.jsonl").steps, config.expert_config("b.jsonl").lr) == (
+        600, 1e-3)
+    with pytest.raises(PhatgooseError, match="names 'c.jsonl', which is not one of the experts"):
+        PipelineConfig.from_dict({**base, "expert_overrides": {"c.jsonl": {"steps": 1}}})
+    with pytest.raises(PhatgooseError, match=r"unknown keys \['step'\] in expert_overrides"):
+        PipelineConfig.from_dict({**base, "expert_overrides": {"a.jsonl": {"step": 1}}})

@@ -100,6 +100,9 @@ class PipelineConfig:
     routing_examples: int = 0  # examples per evaluated task for the routing-share plots (0: off)
     split: SplitConfig = field(default_factory=SplitConfig)
     expert: ExpertConfig = field(default_factory=ExpertConfig)
+    # per-task changes to the expert recipe, e.g. {metaphor_boolean: {lr: 3.0e-3, steps: 600}},
+    # for experts that do not learn with the shared one (document why in the config)
+    expert_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     gate: GateConfig = field(default_factory=GateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -120,7 +123,21 @@ class PipelineConfig:
                     raise PhatgooseError(f"unknown keys {sorted(bad)} in {key!r}; "
                                          f"known: {sorted(sub_known)}")
                 kwargs[key] = kind(**(kwargs[key] or {}))
-        return cls(**kwargs)
+        config = cls(**kwargs)
+        expert_keys = {f.name for f in fields(ExpertConfig)}
+        for task, changes in config.expert_overrides.items():
+            if task not in config.experts:
+                raise PhatgooseError(f"expert_overrides names {task!r}, which is not one of "
+                                     f"the experts {config.experts}")
+            bad = set(changes or {}) - expert_keys
+            if bad:
+                raise PhatgooseError(f"unknown keys {sorted(bad)} in expert_overrides[{task!r}]; "
+                                     f"known: {sorted(expert_keys)}")
+        return config
+
+    def expert_config(self, task: str) -> ExpertConfig:
+        """The recipe of ``task``'s expert: ``expert`` with that task's overrides applied."""
+        return replace(self.expert, **(self.expert_overrides.get(task) or {}))
 
 
 def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
@@ -151,12 +168,13 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
     for source in config.experts:
         out = work / "experts" / expert_name(source)
         expert_dirs.append(out)
-        key = config_key(base.fingerprint, source, asdict(config.split), asdict(config.expert))
+        recipe = config.expert_config(source)
+        key = config_key(base.fingerprint, source, asdict(config.split), asdict(recipe))
         if _cached(out / EXPERT_META, "cache_key", key):
             log(f"expert {source}: cached in {out}")
             continue
         s = splits[source]
-        train_expert(base, tasks[source].name, s.train, s.validation, out, config.expert,
+        train_expert(base, tasks[source].name, s.train, s.validation, out, recipe,
                      log_path=work / "logs" / f"expert-{out.name}.jsonl", source=source,
                      split=asdict(config.split))
         _stamp(out / EXPERT_META, cache_key=key)
