@@ -12,6 +12,7 @@ def test_auto_picks_the_gpu_only_when_torch_sees_one(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device("auto") == torch.device("cuda")
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
     assert resolve_device("cpu") == torch.device("cpu")
@@ -23,6 +24,10 @@ def test_unusable_devices_are_refused_in_one_line(monkeypatch):
         resolve_device("cuda")
     with pytest.raises(ModelError, match="unknown device 'gpu0'"):
         resolve_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ModelError, match="sees 1 GPU"):
+        resolve_device("cuda:1")
 
 
 def test_load_base_model_puts_the_model_on_the_device(tokenizer, tmp_path):

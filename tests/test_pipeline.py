@@ -2,6 +2,7 @@
 that trains nothing (everything cached)."""
 
 import json
+from dataclasses import replace
 
 import pytest
 from conftest import tiny_llama
@@ -22,6 +23,7 @@ def jsonl(path, rows):
 
 
 def test_pipeline_runs_every_method_and_resumes(tokenizer, tmp_path, monkeypatch):
+    real_evaluate = pipeline.evaluate
     model_dir = tmp_path / "model"
     tiny_llama(len(tokenizer)).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -99,6 +101,18 @@ def test_pipeline_runs_every_method_and_resumes(tokenizer, tmp_path, monkeypatch
             "eval single experts", "eval own experts"} <= set(compute)
     assert second["timings_s"]["train experts"] < compute["train experts"] + 1
 
+    # new gates: the routed methods are evaluated again; the base model, each single expert
+    # and each own expert depend on none of it, and come from the cache
+    monkeypatch.undo()
+    evaluated, adapters = [], []
+    monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: evaluated.append(k["desc"])
+                        or real_evaluate(*a, **k))
+    monkeypatch.setattr(pipeline, "evaluate_adapter", lambda *a, **k: adapters.append(a[1]))
+    run_pipeline(replace(config, gate=replace(config.gate, lr=0.02)), log=messages.append)
+    assert adapters == []  # own experts and multitask: cached
+    assert "eval phatgoose" in evaluated and "eval arrow" in evaluated
+    assert not [d for d in evaluated if d == "eval base" or d.startswith("eval single:")]
+
     report = write_report(tmp_path / "run", second, "Results", "phatgoose bench x.yaml")
     text = report.read_text()
     assert "## held-in" in text and "## held-out" in text
@@ -127,3 +141,9 @@ def test_expert_overrides_change_one_recipe_and_bad_ones_are_refused():
         PipelineConfig.from_dict({**base, "expert_overrides": {"c.jsonl": {"steps": 1}}})
     with pytest.raises(PhatgooseError, match=r"unknown keys \['step'\] in expert_overrides"):
         PipelineConfig.from_dict({**base, "expert_overrides": {"a.jsonl": {"step": 1}}})
+    with pytest.raises(PhatgooseError, match=r"unknown keys \['targets'\]"):  # one module set
+        PipelineConfig.from_dict({**base, "expert_overrides": {"a.jsonl": {"targets": ["q"]}}})
+    with pytest.raises(PhatgooseError, match="must map recipe keys to values"):
+        PipelineConfig.from_dict({**base, "expert_overrides": {"a.jsonl": 600}})
+    with pytest.raises(PhatgooseError, match="init must be"):  # at parse time, not mid-run
+        PipelineConfig.from_dict({**base, "expert_overrides": {"a.jsonl": {"init": "bad"}}})

@@ -62,7 +62,8 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, prefix: str = "") -
 def _load_base(args):
     from phatgoose.models import load_base_model
 
-    return load_base_model(args.model, device=getattr(args, "device", "cpu"))  # verify: cpu
+    # `library verify --model` has no --device: it only compares weights, on the CPU
+    return load_base_model(args.model, device=getattr(args, "device", "cpu"))
 
 
 def _splits(args, source: str):

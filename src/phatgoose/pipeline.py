@@ -38,6 +38,7 @@ from phatgoose.experts.train import ExpertConfig, GateConfig, train_expert, trai
 from phatgoose.library.expert import EXPERT_META, GATES, read_json, write_json
 from phatgoose.library.library import MANIFEST, ExpertLibrary, default_expert_name, expert_name
 from phatgoose.models import EMBEDDED_MODEL, BaseModel, load_base_model
+from phatgoose.models.base import resolve_device
 from phatgoose.routing.attach import AVERAGE_ACTIVATION, route, unroute
 from phatgoose.routing.retrieval import (
     RETRIEVAL_EMBEDDINGS,
@@ -124,15 +125,20 @@ class PipelineConfig:
                                          f"known: {sorted(sub_known)}")
                 kwargs[key] = kind(**(kwargs[key] or {}))
         config = cls(**kwargs)
-        expert_keys = {f.name for f in fields(ExpertConfig)}
+        resolve_device(config.device)  # a device this machine lacks fails here, not mid-run
+        expert_keys = {f.name for f in fields(ExpertConfig)} - {"targets"}  # one module set
         for task, changes in config.expert_overrides.items():
             if task not in config.experts:
                 raise PhatgooseError(f"expert_overrides names {task!r}, which is not one of "
                                      f"the experts {config.experts}")
-            bad = set(changes or {}) - expert_keys
+            if not isinstance(changes, dict):
+                raise PhatgooseError(f"expert_overrides[{task!r}] must map recipe keys to "
+                                     f"values, e.g. {{steps: 600}}; got {changes!r}")
+            bad = set(changes) - expert_keys
             if bad:
                 raise PhatgooseError(f"unknown keys {sorted(bad)} in expert_overrides[{task!r}]; "
                                      f"known: {sorted(expert_keys)}")
+            config.expert_config(task)  # invalid values fail now, before hours of training
         return config
 
     def expert_config(self, task: str) -> ExpertConfig:
@@ -191,10 +197,13 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
     for source, out in zip(config.experts, expert_dirs):
         name = default_expert_name(out)  # as the library will call it
         method_keys[f"single:{name}"] = read_json(out / EXPERT_META)["cache_key"]
-        if source in own_sets:
+        if source in own_sets and own_sets[source]:
             own_results[tasks[source].name] = check_expert(
                 base, out, name, tasks[source].name, own_sets[source], config.eval, cache,
                 method_keys["base"], work, log)
+        elif source not in own_sets:
+            log(f"expert {name}: not checked against the base model (its task is in no "
+                "evaluation suite)")
     if own_results:
         timings["eval own experts"] = time.time() - t
 
@@ -235,7 +244,8 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
     multitask_dir = work / "multitask"
     if "multitask" in config.methods:
         t = time.time()
-        steps = max(1, round(config.multitask_compute * len(config.experts) * config.expert.steps))
+        combined = sum(config.expert_config(s).steps for s in config.experts)
+        steps = max(1, round(config.multitask_compute * combined))
         mt_config = replace(config.expert, steps=steps)
         key = config_key(base.fingerprint, config.experts, asdict(config.split), asdict(mt_config))
         if _cached(multitask_dir / EXPERT_META, "cache_key", key):
@@ -268,6 +278,10 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
         in_rows = evaluate_methods(base, library, held_in, [m for m in routed if m != "oracle"],
                                    config.eval, work, timings, cache=cache, cache_key=route_key,
                                    method_keys=method_keys, **options)
+        for t in set(held_in) - set(own_results):  # a suite spelling the task another way
+            own_results[t] = check_expert(base, library.expert_dir(own[t]), own[t], t,
+                                          held_in[t], config.eval, cache, method_keys["base"],
+                                          work, log)
         own_tasks = {t: {**summary({t: own_results[t]})["tasks"][t], "expert": own[t]}
                      for t in held_in}
         rows = _merge_rows(rows, in_rows, {OWN_EXPERT: {"tasks": own_tasks}})

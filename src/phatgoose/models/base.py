@@ -92,6 +92,9 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise ModelError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from err
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"device {device!r} asked for, but torch sees no GPU: use auto or cpu")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise ModelError(f"device {device!r} asked for, but torch sees "
+                         f"{torch.cuda.device_count()} GPU(s): use cuda:0 to cuda:N-1")
     return resolved
 
 
@@ -99,6 +102,7 @@ def load_base_model(name: str = EMBEDDED_MODEL, dtype: torch.dtype = torch.float
                     device: str = "cpu") -> BaseModel:
     """Load a causal or seq2seq LM from a local path, a hub id (local cache only) or the
     embedded default, onto ``device`` (see ``resolve_device``). Never touches the network."""
+    target = resolve_device(device)  # a bad device fails before anything loads
     path = str(embedded_model_dir()) if name == EMBEDDED_MODEL else name
     try:  # local_files_only: a hub id resolves in the local cache, never over the network
         config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -110,7 +114,7 @@ def load_base_model(name: str = EMBEDDED_MODEL, dtype: torch.dtype = torch.float
             f"cannot load base model {name!r}: {str(err).splitlines()[0]} "
             "(give a local directory, or a hub id already in the local cache)"
         ) from err
-    return wrap_model(model.to(resolve_device(device)), tokenizer, name)
+    return wrap_model(model.to(target), tokenizer, name)
 
 
 def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str) -> BaseModel:
