@@ -162,6 +162,15 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
         fetch_bigbench(bigbench)
     tasks = {s: load_task(s) for s in sources}
     splits = {s: config.split.apply(tasks[s]) for s in config.experts}
+    # what the suites evaluate, by task name: an expert's own task (held-in) on its test split,
+    # however a suite spells it; any other task (held-out) on a seeded sample
+    own_splits = {tasks[s].name: splits[s] for s in config.experts}
+    eval_sets: dict[str, list[Example]] = {}
+    for s in sources:
+        name = tasks[s].name
+        if any(s in ts for ts in suites.values()) and name not in eval_sets:
+            eval_sets[name] = (own_splits[name].test if name in own_splits
+                               else config.split.held_out(tasks[s]))
     timings["data"] = time.time() - t
 
     t = time.time()
@@ -190,18 +199,15 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
     # library and evaluations are built on it: an expert that learned nothing shows here
     cache = work / "eval"
     method_keys = {"base": config_key(base.fingerprint)}  # evaluations not routed by a library
-    own_sets = {s: splits[s].test for s in config.experts
-                if any(s in ts for ts in suites.values())}
     own_results: dict[str, TaskResult] = {}
     t = time.time()
     for source, out in zip(config.experts, expert_dirs):
-        name = default_expert_name(out)  # as the library will call it
+        name, task = default_expert_name(out), tasks[source].name  # as the library names it
         method_keys[f"single:{name}"] = read_json(out / EXPERT_META)["cache_key"]
-        if source in own_sets and own_sets[source]:
-            own_results[tasks[source].name] = check_expert(
-                base, out, name, tasks[source].name, own_sets[source], config.eval, cache,
-                method_keys["base"], work, log)
-        elif source not in own_sets:
+        if eval_sets.get(task):
+            own_results[task] = check_expert(base, out, name, task, eval_sets[task],
+                                             config.eval, cache, method_keys, work, log)
+        elif task not in eval_sets:
             log(f"expert {name}: not checked against the base model (its task is in no "
                 "evaluation suite)")
     if own_results:
@@ -258,11 +264,8 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
             _stamp(multitask_dir / EXPERT_META, cache_key=key)
         timings["train multitask"] = time.time() - t
 
-    # held-in tasks (an expert's own) are evaluated on their test split, the others on a seeded
-    # sample; held-in tasks get the expert trained on them instead of the oracle
+    # held-in tasks get the expert trained on them instead of the oracle
     own = {tasks[s].name: name for s, name in zip(config.experts, library.names)}
-    eval_sets = {tasks[s].name: splits[s].test if s in splits else config.split.held_out(tasks[s])
-                 for s in sources if any(s in ts for ts in suites.values())}
     held_in = {t: e for t, e in eval_sets.items() if t in own}
     held_out = {t: e for t, e in eval_sets.items() if t not in own}
     routed = [m for m in config.methods if m != "multitask"]
@@ -278,12 +281,8 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
         in_rows = evaluate_methods(base, library, held_in, [m for m in routed if m != "oracle"],
                                    config.eval, work, timings, cache=cache, cache_key=route_key,
                                    method_keys=method_keys, **options)
-        for t in set(held_in) - set(own_results):  # a suite spelling the task another way
-            own_results[t] = check_expert(base, library.expert_dir(own[t]), own[t], t,
-                                          held_in[t], config.eval, cache, method_keys["base"],
-                                          work, log)
         own_tasks = {t: {**summary({t: own_results[t]})["tasks"][t], "expert": own[t]}
-                     for t in held_in}
+                     for t in held_in if t in own_results}  # not with an empty test split
         rows = _merge_rows(rows, in_rows, {OWN_EXPERT: {"tasks": own_tasks}})
     if "multitask" in config.methods:
         t = time.time()
@@ -367,18 +366,19 @@ def _eval_stage(method: str) -> str:
 
 def check_expert(
     base: BaseModel, expert_dir: Path, name: str, task: str, test: list[Example],
-    config: EvalConfig, cache: Path, base_key: str, out: Path, log: Callable[[str], Any],
+    config: EvalConfig, cache: Path, method_keys: dict[str, str], out: Path,
+    log: Callable[[str], Any],
 ) -> TaskResult:
     """Evaluate the base model and the expert (its PEFT adapter on the base model) on the
-    expert's own test split, each cached; log both accuracies and the paired bootstrap interval
-    of expert minus base, with a warning when it does not lie above 0. Returns the expert's."""
+    expert's own test split, each cached under the keys of ``base`` and ``single:<name>`` in
+    ``method_keys``; log both accuracies and the paired bootstrap interval of expert minus
+    base, with a warning when it does not lie above 0. Returns the expert's."""
     sets = {task: test}
     base_result = _cached_evaluate(
-        cache, base_key, "base", sets, config,
+        cache, method_keys["base"], "base", sets, config,
         lambda s: evaluate(base, s, config, desc="eval base"))[task]
-    expert_key = read_json(expert_dir / EXPERT_META)["cache_key"]
     result = _cached_evaluate(
-        cache, expert_key, f"expert:{name}", sets, config,
+        cache, method_keys[f"single:{name}"], f"expert:{name}", sets, config,
         lambda s: evaluate_adapter(base, expert_dir, s, config))[task]
     write_predictions(out / f"predictions-expert_{name}.jsonl", {task: result})
     diff, low, high = paired_bootstrap([p["correct"] for p in result.predictions],
