@@ -289,7 +289,8 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
         results = _cached_evaluate(
             cache, config_key(read_json(multitask_dir / EXPERT_META)["cache_key"]), "multitask",
             eval_sets, config.eval, lambda sets: evaluate_adapter(base, multitask_dir, sets,
-                                                                   config.eval))
+                                                                   config.eval),
+            base.model.device.type)
         write_predictions(work / "predictions-multitask.jsonl", results)
         rows["multitask"] = summary(results)
         timings["eval multitask"] = time.time() - t
@@ -304,13 +305,14 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
                                            for k, v in suites.items()})
         timings["routing shares"] = time.time() - t
     table = markdown_table(rows)
-    compute = compute_seconds(work, expert_dirs, library, multitask_dir, cache, eval_sets)
+    by_device = compute_seconds(work, expert_dirs, library, multitask_dir, cache, eval_sets)
+    compute = {stage: round(sum(d.values()), 1) for stage, d in by_device.items()}
     per_stage: dict[str, float] = {}
     for stage, seconds in timings.items():
         stage = _eval_stage(stage.removeprefix("eval ")) if stage.startswith("eval ") else stage
         per_stage[stage] = per_stage.get(stage, 0.0) + seconds
     result = {"summaries": rows, "timings_s": {k: round(v, 1) for k, v in per_stage.items()},
-              "compute_s": compute,
+              "compute_s": compute, "compute_s_by_device": by_device,
               "table": table, "suites": {k: [tasks[s].name for s in v] for k, v in suites.items()}}
     (work / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (work / "results.md").write_text(table + "\n")
@@ -323,32 +325,42 @@ OWN_EXPERT = "own expert (held-in: the expert trained on the task)"
 def compute_seconds(
     work: Path, expert_dirs: list[Path], library: ExpertLibrary, multitask_dir: Path,
     cache: Path, eval_sets: dict[str, list[Example]],
-) -> dict[str, float]:
-    """Seconds each stage computed for, summed over the runs that did the work: read from what
-    each cached item recorded when it was made (experts, gates, vectors, each method x task
-    evaluation), so a benchmark resumed across sessions reports its whole cost."""
-    def meta_seconds(path: Path) -> float:
-        with safe_open(str(path), "pt") as f:
-            return float((f.metadata() or {}).get("seconds", 0.0))
+) -> dict[str, dict[str, float]]:
+    """Seconds each stage computed for, per device ("cpu", "cuda", or "unrecorded" for items
+    made before devices were recorded), summed over the runs that did the work: read from
+    what each cached item recorded when it was made (experts, gates, vectors, each method x
+    task evaluation), so a benchmark resumed across sessions and machines reports its whole
+    cost, and where it was paid."""
+    out: dict[str, dict[str, float]] = {}
+
+    def add(stage: str, seconds: float, device: str | None) -> None:
+        per_device = out.setdefault(stage, {})
+        device = device or "unrecorded"
+        per_device[device] = per_device.get(device, 0.0) + float(seconds)
 
     metas = [read_json(d / EXPERT_META) for d in expert_dirs if (d / EXPERT_META).exists()]
-    out = {"train experts": sum(m["metrics"].get("train_seconds", 0.0) for m in metas),
-           "train gates": sum(m.get("gate", {}).get("train_seconds", 0.0) for m in metas)}
+    for m in metas:
+        add("train experts", m["metrics"].get("train_seconds", 0.0), m["metrics"].get("device"))
+        if "gate" in m:
+            add("train gates", m["gate"].get("train_seconds", 0.0), m["gate"].get("device"))
     if (multitask_dir / EXPERT_META).exists():
-        out["train multitask"] = read_json(multitask_dir / EXPERT_META)["metrics"].get(
-            "train_seconds", 0.0)
+        metrics = read_json(multitask_dir / EXPERT_META)["metrics"]
+        add("train multitask", metrics.get("train_seconds", 0.0), metrics.get("device"))
     for stage, file in (("average activations", AVERAGE_ACTIVATION),
                         ("retrieval index", RETRIEVAL_EMBEDDINGS)):
-        paths = [library.expert_dir(n) / file for n in library.names]
-        if any(p.exists() for p in paths):
-            out[stage] = sum(meta_seconds(p) for p in paths if p.exists())
+        for path in (library.expert_dir(n) / file for n in library.names):
+            if path.exists():
+                with safe_open(str(path), "pt") as f:
+                    meta = f.metadata() or {}
+                add(stage, meta.get("seconds", 0.0), meta.get("device"))
     files = {_task_file(task) for task in eval_sets}
     for path in sorted(cache.glob("*/*.json")) if cache.exists() else []:
         if path.name in files:
             data = read_json(path)
-            stage = _eval_stage(data.get("method", path.parent.name))
-            out[stage] = out.get(stage, 0.0) + data.get("seconds", 0.0)
-    return {k: round(v, 1) for k, v in out.items()}
+            add(_eval_stage(data.get("method", path.parent.name)), data.get("seconds", 0.0),
+                data.get("device"))
+    return {stage: {d: round(s, 1) for d, s in per_device.items()}
+            for stage, per_device in out.items()}
 
 
 def _task_file(task: str) -> str:
@@ -376,10 +388,10 @@ def check_expert(
     sets = {task: test}
     base_result = _cached_evaluate(
         cache, method_keys["base"], "base", sets, config,
-        lambda s: evaluate(base, s, config, desc="eval base"))[task]
+        lambda s: evaluate(base, s, config, desc="eval base"), base.model.device.type)[task]
     result = _cached_evaluate(
         cache, method_keys[f"single:{name}"], f"expert:{name}", sets, config,
-        lambda s: evaluate_adapter(base, expert_dir, s, config))[task]
+        lambda s: evaluate_adapter(base, expert_dir, s, config), base.model.device.type)[task]
     write_predictions(out / f"predictions-expert_{name}.jsonl", {task: result})
     diff, low, high = paired_bootstrap([p["correct"] for p in result.predictions],
                                        [p["correct"] for p in base_result.predictions])
@@ -404,9 +416,12 @@ def _merge_rows(*parts: dict[str, dict]) -> dict[str, dict]:
 def _cached_evaluate(
     cache: Path | None, key: str, method: str, eval_sets: dict[str, list[Example]],
     config: EvalConfig, run: Callable[[dict[str, list[Example]]], dict[str, TaskResult]],
+    device: str,
 ) -> dict[str, TaskResult]:
-    """``run`` task by task, each result cached in ``cache/<method>/<task>.json`` under a key of
-    (``key``, method, eval settings, the examples): an interrupted evaluation resumes."""
+    """``run`` (on ``device``) task by task, each result cached in ``cache/<method>/<task>.json``
+    under a key of (``key``, method, eval settings, the examples): an interrupted evaluation
+    resumes. The device is recorded beside the seconds, not keyed: results do not depend on
+    it beyond floating-point rounding."""
     results = {}
     for task, examples in eval_sets.items():
         task_key = config_key(key, method, asdict(config),
@@ -422,7 +437,7 @@ def _cached_evaluate(
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_json(path, {"key": task_key, "method": method, "result": asdict(results[task]),
-                              "seconds": round(time.time() - started, 1)})
+                              "seconds": round(time.time() - started, 1), "device": device})
     return results
 
 
@@ -472,7 +487,8 @@ def evaluate_methods(
                 finally:
                     unroute(base.model)
         key = (method_keys or {}).get(method, cache_key)
-        results = _cached_evaluate(cache, key, method, eval_sets, config, run)
+        results = _cached_evaluate(cache, key, method, eval_sets, config, run,
+                                   base.model.device.type)
         rows[method] = summary(results)
         if out is not None:
             write_predictions(out / f"predictions-{method.replace(':', '_')}.jsonl", results)

@@ -99,17 +99,26 @@ def write_report(work: Path | str, result: dict, title: str, command: str,
         if (work / png).exists():
             lines += ["", f"![{caption}]({png})"]
     compute = result.get("compute_s", {})
+    by_device = result.get("compute_s_by_device", {})
+    devices = sorted({d for per_device in by_device.values() for d in per_device})
+    split = devices if len(devices) > 1 else []  # one device: the computed column says it all
     lines += ["", "## Stage timings (seconds)", "",
               "This run: wall time of each stage in this invocation (cached stages take ~0 s). "
               "Computed: the time each stage's cached results took to make, summed over the "
-              "runs that made them (a run resumed across sessions shows its whole cost).", "",
-              "| stage | this run | computed |", "|---|---:|---:|"]
+              "runs that made them (a run resumed across sessions shows its whole cost)."
+              + (" Then split by the device that computed them." if split else "")
+              + (f" All of it on {devices[0]}." if len(devices) == 1 else ""), "",
+              "| stage | this run | computed |" + "".join(f" on {d} |" for d in split),
+              "|---|---:|---:|" + "---:|" * len(split)]
     for stage in dict.fromkeys([*result["timings_s"], *compute]):
         lines.append(f"| {stage} | {result['timings_s'].get(stage, '')} | "
-                     f"{compute.get(stage, '')} |")
+                     f"{compute.get(stage, '')} |"
+                     + "".join(f" {by_device.get(stage, {}).get(d, '')} |" for d in split))
     if compute:
         lines.append(f"| total | {round(sum(result['timings_s'].values()), 1)} | "
-                     f"{round(sum(compute.values()), 1)} |")
+                     f"{round(sum(compute.values()), 1)} |"
+                     + "".join(f" {round(sum(s.get(d, 0.0) for s in by_device.values()), 1)} |"
+                               for d in split))
     with (work / "results.csv").open("w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["suite", "method", "task", "n", "accuracy", "low", "high"])

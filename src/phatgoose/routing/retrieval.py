@@ -69,7 +69,8 @@ def store_retrieval_embeddings(
         started = time.time()
         encoder = encoder or load_encoder()
         write_safetensors(path, {"embeddings": embed(encoder, data)},
-                          {"settings": key, "seconds": f"{time.time() - started:.1f}"})
+                          {"settings": key, "seconds": f"{time.time() - started:.1f}",
+                           "device": encoder.device.type})
         computed.append(name)
     return computed
 

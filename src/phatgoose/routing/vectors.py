@@ -98,7 +98,8 @@ def store_average_activations(
         vectors = average_activations(base, library, name, data, max_examples, batch_size,
                                       max_input_tokens, max_target_tokens)
         write_safetensors(path, vectors, {"settings": settings,
-                                          "seconds": f"{time.time() - started:.1f}"})
+                                          "seconds": f"{time.time() - started:.1f}",
+                                          "device": base.model.device.type})
         computed.append(name)
     return computed
 
