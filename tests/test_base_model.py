@@ -1,11 +1,13 @@
 """Loading a base model: where it runs (``device``) and the errors for what cannot be had."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import tiny_llama
 
 from phatgoose.errors import ModelError
-from phatgoose.models.base import load_base_model, resolve_device
+from phatgoose.models.base import device_name, load_base_model, resolve_device
 
 
 def test_auto_picks_the_gpu_only_when_torch_sees_one(monkeypatch):
@@ -40,3 +42,12 @@ def test_load_base_model_puts_the_model_on_the_device(tokenizer, tmp_path):
     assert base.fingerprint == load_base_model(str(model_dir), device="auto").fingerprint
     with pytest.raises(ModelError, match="cannot load base model"):
         load_base_model(str(tmp_path / "missing"))
+
+
+def test_device_name_names_the_processor(monkeypatch):
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    model = next(line.split(":", 1)[1].strip() for line in cpuinfo
+                 if line.startswith("model name"))
+    assert device_name(torch.device("cpu")) == f"cpu ({model})"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "NVIDIA H100 80GB HBM3")
+    assert device_name(torch.device("cuda", 0)) == "cuda (NVIDIA H100 80GB HBM3)"

@@ -5,12 +5,14 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 from conftest import tiny_llama
 
 from phatgoose import pipeline
 from phatgoose.errors import PhatgooseError
 from phatgoose.eval.report import write_report
 from phatgoose.eval.stats import paired_bootstrap
+from phatgoose.models import device_name
 from phatgoose.pipeline import ORACLE, OWN_EXPERT, PipelineConfig, run_pipeline
 
 METHODS = ["base", "phatgoose", "arrow", "average-activation", "retrieval", "uniform",
@@ -100,10 +102,11 @@ def test_pipeline_runs_every_method_and_resumes(tokenizer, tmp_path, monkeypatch
     assert {"train gates", "train multitask", "eval base", "eval phatgoose",
             "eval single experts", "eval own experts"} <= set(compute)
     assert second["timings_s"]["train experts"] < compute["train experts"] + 1
-    # each item recorded the device that made it: all of it on this CPU
+    # each item recorded the device that made it, with the processor: all of it on this CPU
+    cpu = device_name(torch.device("cpu"))
     by_device = second["compute_s_by_device"]
     assert set(by_device) == set(compute)
-    assert all(set(d) == {"cpu"} and d["cpu"] == compute[s] for s, d in by_device.items())
+    assert all(set(d) == {cpu} and d[cpu] == compute[s] for s, d in by_device.items())
 
     # new gates: the routed methods are evaluated again; the base model, each single expert
     # and each own expert depend on none of it, and come from the cache
@@ -124,15 +127,16 @@ def test_pipeline_runs_every_method_and_resumes(tokenizer, tmp_path, monkeypatch
     assert "## Does each expert beat the base model on its own task?" in text
     assert "![PHATGOOSE routing share per task and expert](routing_heatmap.png)" in text
     assert "| stage | this run | computed |" in text and "| total |" in text
-    assert "shows its whole cost). All of it on cpu." in text
+    assert f"shows its whole cost). All of it on {cpu}." in text
     # an item made on another device (say a GPU run that shared the cache): a column each
     cached = next((tmp_path / "run" / "eval" / "base").glob("*.json"))
     data = json.loads(cached.read_text())
-    cached.write_text(json.dumps({**data, "device": "cuda", "seconds": 2.5}))
+    gpu = "cuda (NVIDIA H100 80GB HBM3)"
+    cached.write_text(json.dumps({**data, "device": gpu, "seconds": 2.5}))
     mixed = run_pipeline(config, log=messages.append)
-    assert mixed["compute_s_by_device"]["eval base"]["cuda"] == 2.5
+    assert mixed["compute_s_by_device"]["eval base"][gpu] == 2.5
     text = write_report(tmp_path / "run", mixed, "Results", "x").read_text()
-    assert "| stage | this run | computed | on cpu | on cuda |" in text
+    assert f"| stage | this run | computed | on {cpu} | on {gpu} |" in text
     assert "Then split by the device that computed them." in text
     row = next(line for line in text.splitlines() if line.startswith("| eval base |"))
     cells = [c.strip() for c in row.split("|")[1:-1]]

@@ -290,7 +290,7 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
             cache, config_key(read_json(multitask_dir / EXPERT_META)["cache_key"]), "multitask",
             eval_sets, config.eval, lambda sets: evaluate_adapter(base, multitask_dir, sets,
                                                                    config.eval),
-            base.model.device.type)
+            base.device_name)
         write_predictions(work / "predictions-multitask.jsonl", results)
         rows["multitask"] = summary(results)
         timings["eval multitask"] = time.time() - t
@@ -326,11 +326,11 @@ def compute_seconds(
     work: Path, expert_dirs: list[Path], library: ExpertLibrary, multitask_dir: Path,
     cache: Path, eval_sets: dict[str, list[Example]],
 ) -> dict[str, dict[str, float]]:
-    """Seconds each stage computed for, per device ("cpu", "cuda", or "unrecorded" for items
-    made before devices were recorded), summed over the runs that did the work: read from
-    what each cached item recorded when it was made (experts, gates, vectors, each method x
-    task evaluation), so a benchmark resumed across sessions and machines reports its whole
-    cost, and where it was paid."""
+    """Seconds each stage computed for, per device (``device_name``, e.g. "cpu (AMD EPYC
+    7B13)"; "unrecorded" for items made before devices were recorded), summed over the runs
+    that did the work: read from what each cached item recorded when it was made (experts,
+    gates, vectors, each method x task evaluation), so a benchmark resumed across sessions and
+    machines reports its whole cost, and where it was paid."""
     out: dict[str, dict[str, float]] = {}
 
     def add(stage: str, seconds: float, device: str | None) -> None:
@@ -388,10 +388,10 @@ def check_expert(
     sets = {task: test}
     base_result = _cached_evaluate(
         cache, method_keys["base"], "base", sets, config,
-        lambda s: evaluate(base, s, config, desc="eval base"), base.model.device.type)[task]
+        lambda s: evaluate(base, s, config, desc="eval base"), base.device_name)[task]
     result = _cached_evaluate(
         cache, method_keys[f"single:{name}"], f"expert:{name}", sets, config,
-        lambda s: evaluate_adapter(base, expert_dir, s, config), base.model.device.type)[task]
+        lambda s: evaluate_adapter(base, expert_dir, s, config), base.device_name)[task]
     write_predictions(out / f"predictions-expert_{name}.jsonl", {task: result})
     diff, low, high = paired_bootstrap([p["correct"] for p in result.predictions],
                                        [p["correct"] for p in base_result.predictions])
@@ -488,7 +488,7 @@ def evaluate_methods(
                     unroute(base.model)
         key = (method_keys or {}).get(method, cache_key)
         results = _cached_evaluate(cache, key, method, eval_sets, config, run,
-                                   base.model.device.type)
+                                   base.device_name)
         rows[method] = summary(results)
         if out is not None:
             write_predictions(out / f"predictions-{method.replace(':', '_')}.jsonl", results)

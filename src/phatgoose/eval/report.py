@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from phatgoose.eval.stats import average_ci, bootstrap_ci, paired_bootstrap
+from phatgoose.models import device_name
 
 
 def _correct(work: Path, rows: dict, method: str, task: str) -> list[float]:
@@ -78,7 +79,7 @@ def write_report(work: Path | str, result: dict, title: str, command: str,
     lines = [
         f"# {title}", "",
         f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, {platform.processor() or platform.platform()}, "
+        f"Machine: {platform.machine()}, {device_name(torch.device('cpu'))}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}  ",
         f"Date: {time.strftime('%Y-%m-%d')}",
     ]

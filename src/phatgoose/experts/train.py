@@ -123,7 +123,7 @@ def train_expert(
                 "steps_done": result.steps_done,
                 "diverged_at": result.diverged_at,
                 "train_seconds": round(result.seconds, 1),
-                "device": base.model.device.type,
+                "device": base.device_name,
                 "resumed_from_step": result.resumed_from,
                 "train_examples": len(train_examples),
                 "val_examples": len(val_examples),
@@ -194,7 +194,7 @@ def train_gate(
             "best_val_loss": result.best_val_loss,
             "diverged_at": result.diverged_at,
             "train_seconds": round(result.seconds, 1),
-            "device": base.model.device.type,
+            "device": base.device_name,
             "resumed_from_step": result.resumed_from,
         }
         write_json(expert_dir / EXPERT_META, metadata)

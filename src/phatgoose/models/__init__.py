@@ -3,6 +3,7 @@
 from phatgoose.models.base import (
     EMBEDDED_MODEL,
     BaseModel,
+    device_name,
     embedded_model_dir,
     fingerprint,
     linear_dims,
@@ -13,6 +14,7 @@ from phatgoose.models.base import (
 __all__ = [
     "EMBEDDED_MODEL",
     "BaseModel",
+    "device_name",
     "embedded_model_dir",
     "fingerprint",
     "linear_dims",

