@@ -238,6 +238,40 @@ def write_peft_adapters(loras: dict[str, list[LoraWeights]], root: Path) -> list
     return paths
 
 
+def peft_arrow_injected(model, loras: dict[str, list[LoraWeights]], arrow_config):
+    """What ``create_arrow_model`` builds, without its adapter loading, whose cost grows as E^2:
+    each ``load_adapter`` walks every module of the model, and each adapter adds modules. Here
+    PEFT's own ``LoraLayer.update_layer`` adds each adapter to each layer (one walk in all), the
+    weights are copied in, and the Arrow router is added as ``create_arrow_model`` adds it. The
+    forward is PEFT's Arrow forward, unchanged."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.arrow import TASK_ADAPTER_PREFIX
+
+    targets = sorted({n.rpartition(".")[2] for n in loras})
+    config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=targets, lora_dropout=0.0,
+                        init_lora_weights=False)
+    names = [f"{TASK_ADAPTER_PREFIX}{i}" for i in range(len(next(iter(loras.values()))))]
+    peft_model = get_peft_model(model, config, adapter_name=names[0])
+    layers = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
+              if isinstance(m, LoraLayer)}
+    assert set(layers) == set(loras), "the injected layers are not the experts' modules"
+    with torch.no_grad():
+        for i, name in enumerate(names):
+            if i:
+                peft_model.peft_config[name] = config
+            for module, layer in layers.items():
+                if i:
+                    layer.update_layer(name, RANK, 2 * RANK, config=config)
+                layer.lora_A[name].weight.copy_(loras[module][i].A)
+                layer.lora_B[name].weight.copy_(loras[module][i].B)
+    arrow_config.task_adapter_names, arrow_config.gks_adapter_names = names, []
+    peft_model.add_adapter("arrow_router", LoraConfig(arrow_config=arrow_config,
+                                                      target_modules=targets, r=RANK))
+    peft_model.set_adapter("arrow_router")
+    return peft_model
+
+
 def peft_arrow(experts: int, args) -> dict:
     """PEFT's create_arrow_model vs phatgoose's arrow on the same adapters, top-k, dtype."""
     from peft import ArrowConfig, create_arrow_model
@@ -264,8 +298,14 @@ def peft_arrow(experts: int, args) -> dict:
         progress(f"phatgoose arrow: {result['phatgoose_arrow_prefill_s']:.1f} s per prefill")
         model = loras = None  # free our copy before PEFT loads its own
         start = time.perf_counter()
-        peft_model = create_arrow_model(base_model(device, dtype), paths,
-                                        ArrowConfig(top_k=TOP_K, router_temperature=1.0))
+        arrow_config = ArrowConfig(top_k=TOP_K, router_temperature=1.0)
+        if args.peft_build == "inject":  # the same experts again (seeded), into PEFT's layers
+            peft_base = base_model(device, dtype)
+            peft_model = peft_arrow_injected(peft_base, synthetic_experts(peft_base, experts),
+                                             arrow_config)
+        else:
+            peft_model = create_arrow_model(base_model(device, dtype), paths, arrow_config)
+        result["peft_build"] = args.peft_build
         peft_model.to(device, dtype).eval()
         result["peft_load_s"] = time.perf_counter() - start
         progress(f"PEFT create_arrow_model: {result['peft_load_s']:.1f} s")
@@ -379,7 +419,7 @@ def memory(experts: int, args) -> dict:
 def child(flag: str, experts: int, args) -> dict:
     cmd = [sys.executable, __file__, flag, str(experts), "--device", args.device, "--dtype",
            args.dtype, "--repeats", str(args.repeats), "--workdir", args.workdir,
-           "--child-timeout", str(args.child_timeout)]
+           "--child-timeout", str(args.child_timeout), "--peft-build", args.peft_build]
     print("$", " ".join(cmd[1:]), flush=True)
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
@@ -495,6 +535,10 @@ def main() -> None:
     parser.add_argument("--experts", type=int, nargs="*", default=[8, 64, 256, 1024])
     parser.add_argument("--peft", type=int, nargs="*", default=[8, 64, 256],
                         help="E at which to compare with PEFT's Arrow")
+    parser.add_argument("--peft-build", choices=["load", "inject"], default="load",
+                        help="build PEFT's Arrow model with create_arrow_model (load: its "
+                             "loading grows as E^2), or by adding the adapters to PEFT's "
+                             "layers directly (inject: the same model, built in linear time)")
     parser.add_argument("--load", type=int, nargs="*", default=[256],
                         help="E at which to time loading a library from disk")
     parser.add_argument("--memory", type=int, nargs="*", default=[],

@@ -159,3 +159,26 @@ def test_routed_llama_shares_qkv_and_gate_up_and_matches_dense(llama, tmp_path):
     sparse = llama.model(ids).logits
     unroute(llama.model)
     torch.testing.assert_close(sparse, dense, atol=1e-4 * float(dense.abs().max()), rtol=0)
+
+
+def test_an_fp64_model_routes_in_fp64_and_fp32_models_in_fp32():
+    """Scores are never below fp32 (a bf16 model routes in fp32); an fp64 model keeps fp64, so
+    near-tied scores are not decided by fp32 rounding (benchmarks/arrow_equivalence_fp64.py)."""
+    torch.manual_seed(4)
+    vectors, x = torch.randn(12, 8), torch.randn(6, 8)
+    router = PhatgooseRouter(vectors, top_k=2)
+    assert router.scores(x.bfloat16()).dtype == torch.float32
+    scores = router.double().scores(x.double())
+    assert scores.dtype == torch.float64
+    centred = x.double() - x.double().mean(-1, keepdim=True)
+    sigma = (centred.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+    v = router.vectors  # stored standardised when the router was made, so summing to ~0
+    torch.testing.assert_close(scores, x.double() @ v.T / sigma / math.sqrt(8), atol=1e-12,
+                               rtol=1e-12)
+    layers = [RoutedLinear.from_experts(nn.Linear(8, 5), experts(8, 5, [2] * 12),
+                                        PhatgooseRouter(torch.randn(12, 8), 2)).double()
+              for _ in range(2)]
+    group = SharedProjection(layers)
+    assert group.projection(0, x.double()).dtype == torch.float64
+    torch.testing.assert_close(group.projection(1, x.double()),
+                               layers[1].router.project(x.double()), atol=1e-12, rtol=1e-12)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from phatgoose.library.expert import LoraWeights, stack_experts
 from phatgoose.models import linear_dims
-from phatgoose.routing.routers import TopKRouter
+from phatgoose.routing.routers import TopKRouter, scoring
 
 # Below this many (token, expert) pairs the sparse path gathers the chosen experts' factors
 # (decoding); above it, it runs sparse matmuls on CPU in fp32, else pairs are sorted by expert
@@ -199,10 +199,11 @@ class SharedProjection:
     def projection(self, index: int, x: Tensor) -> Tensor:
         key = (id(x), x._version)
         if self._input is not x or self._key != key:
-            if self.vectors.device != x.device:
-                self.vectors = self.vectors.to(x.device)
+            x_scoring = scoring(x)
+            if self.vectors.device != x.device or self.vectors.dtype != x_scoring.dtype:
+                self.vectors = self.vectors.to(x.device, x_scoring.dtype)
             self._input, self._key = x, key
-            self._parts = list((x.float() @ self.vectors.T).split(self.sizes, dim=-1))
+            self._parts = list((x_scoring @ self.vectors.T).split(self.sizes, dim=-1))
             self._served = set()
         part = self._parts[index]
         self._served.add(index)

@@ -13,6 +13,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def scoring(t: Tensor) -> Tensor:
+    """``t`` in the precision routing scores are computed in: fp32, or fp64 for fp64 inputs
+    (never below fp32, whatever the model was cast to)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def standardise(t: Tensor, eps: float = 1e-5) -> Tensor:
     """Subtract the mean and divide by the standard deviation over the last dimension
     (a LayerNorm without learned scale or shift)."""
@@ -21,7 +27,7 @@ def standardise(t: Tensor, eps: float = 1e-5) -> Tensor:
 
 def top_k_weights(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Softmax over the k highest scores of each row: (weights, indices), each (..., k), fp32."""
-    values, indices = scores.float().topk(min(k, scores.shape[-1]), dim=-1)
+    values, indices = scoring(scores).topk(min(k, scores.shape[-1]), dim=-1)
     return values.softmax(dim=-1), indices
 
 
@@ -40,8 +46,9 @@ class TopKRouter(nn.Module):
     top_k: int
 
     def project(self, x: Tensor) -> Tensor:
-        """x . v_i for every expert: (..., E), in fp32 even if the model was cast."""
-        return x.float() @ self.vectors.float().T
+        """x . v_i for every expert: (..., E), in fp32 (or fp64, see ``scoring``)."""
+        x = scoring(x)
+        return x @ self.vectors.to(x.dtype).T
 
     def select(self, projection: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         """(weights, expert indices), each (..., k), from ``project(x)``."""
@@ -63,7 +70,7 @@ class PhatgooseRouter(TopKRouter):
     average activations), stored standardised. Since a standardised v~ sums to zero,
     LN(x) . v~ = (x - mean(x)) . v~ / sigma_x = (x . v~) / sigma_x: the router is one matmul of
     the raw input with the stored vectors (``project``), then a per-token scale (``select``).
-    Scores are computed in fp32 whatever the model's dtype."""
+    Scores are computed in fp32 (fp64 for an fp64 model) whatever the model's dtype."""
 
     def __init__(self, vectors: Tensor, top_k: int = 2, eps: float = 1e-5) -> None:
         super().__init__()
@@ -76,7 +83,7 @@ class PhatgooseRouter(TopKRouter):
     def scores_from(self, projection: Tensor, x: Tensor) -> Tensor:
         d = x.shape[-1]
         # 1 / sigma_x from LayerNorm's own kernel (one op; var() is ~5x slower on CPU)
-        inv_sigma = torch.native_layer_norm(x.float().reshape(-1, d), [d], None, None,
+        inv_sigma = torch.native_layer_norm(scoring(x).reshape(-1, d), [d], None, None,
                                             self.eps)[2].view(*x.shape[:-1], 1)
         return projection * (inv_sigma * (1 / math.sqrt(d)))
 
