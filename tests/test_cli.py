@@ -150,3 +150,22 @@ def test_unknown_config_keys_are_refused(tmp_path, capsys):
     code, _, err = run(["train-expert", "--config", config, "--task", "t", "--out", "o"], capsys)
     one_line_error(code, err, "unknown options ['stepz']")
     assert build_parser().parse_args(["eval", "--task", "t"]).top_k == 2
+
+
+def test_bench_bf16_turns_autocast_on_in_every_stage(tmp_path, monkeypatch, capsys):
+    from phatgoose import pipeline
+    from phatgoose.eval import report
+
+    config = tmp_path / "bench.yaml"
+    config.write_text(yaml.safe_dump({"experts": ["a"], "workdir": str(tmp_path / "run"),
+                                      "gate": {"steps": 3, "bf16": False}}))
+    seen, commands = [], []
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda c: seen.append(c) or {})
+    monkeypatch.setattr(report, "write_report", lambda work, result, title, command:
+                        commands.append(command) or config)
+    assert main(["bench", str(config), "--bf16", "--workdir", str(tmp_path / "bf16")]) == 0
+    assert seen[0].expert.bf16 and seen[0].gate.bf16 and seen[0].eval.bf16
+    assert seen[0].gate.steps == 3 and seen[0].workdir == str(tmp_path / "bf16")
+    assert commands == [f"phatgoose bench {config} --bf16 --workdir {tmp_path / 'bf16'}"]
+    assert main(["bench", str(config)]) == 0  # without the flag, the config decides
+    assert not (seen[1].expert.bf16 or seen[1].gate.bf16 or seen[1].eval.bf16)

@@ -191,31 +191,43 @@ def cmd_eval(args) -> None:
     print(table)
 
 
-def cmd_pipeline(args) -> None:
-    from phatgoose.pipeline import PipelineConfig, run_pipeline
+def _pipeline_config(args):
+    """The config file's pipeline, with the command line's overrides (--workdir, --bf16)."""
+    from phatgoose.pipeline import PipelineConfig
 
     data = _read_yaml(args.config_file)
     if args.workdir:
         data["workdir"] = args.workdir
-    result = run_pipeline(PipelineConfig.from_dict(data))
+    if args.bf16:  # every stage that runs the model: experts, gates, multitask, evaluation
+        for section in ("expert", "gate", "eval"):
+            data[section] = {**(data.get(section) or {}), "bf16": True}
+    return PipelineConfig.from_dict(data)
+
+
+def cmd_pipeline(args) -> None:
+    from phatgoose.pipeline import run_pipeline
+
+    result = run_pipeline(_pipeline_config(args))
     print(result["table"])
     print("\nstage timings (s): " + ", ".join(f"{k} {v}" for k, v in result["timings_s"].items()))
 
 
 def cmd_bench(args) -> None:
     from phatgoose.eval.report import write_report
-    from phatgoose.pipeline import PipelineConfig, run_pipeline
+    from phatgoose.pipeline import run_pipeline
 
-    data = _read_yaml(args.config_file)
-    if args.workdir:
-        data["workdir"] = args.workdir
-    config = PipelineConfig.from_dict(data)
+    config = _pipeline_config(args)
     result = run_pipeline(config)
-    command = f"phatgoose bench {args.config_file}" + (f" --workdir {args.workdir}"
-                                                       if args.workdir else "")
+    command = (f"phatgoose bench {args.config_file}" + (" --bf16" if args.bf16 else "")
+               + (f" --workdir {args.workdir}" if args.workdir else ""))
     path = write_report(config.workdir, result, f"Results of {args.config_file}", command)
     print(path.read_text())
     print(f"report: {path}")
+
+
+BF16_HELP = ("bf16 autocast in every stage (experts, gates, multitask, evaluation), whatever "
+             "the config says; faster on AMX CPUs and GPUs, far slower on other CPUs. Cached "
+             "items are keyed by it: use another --workdir to keep both runs")
 
 
 # -- parser ------------------------------------------------------------------------------------
@@ -348,11 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
                 cmd_pipeline)
     p.add_argument("config_file", help="pipeline YAML, e.g. configs/demo.yaml")
     p.add_argument("--workdir", help="override the config's workdir")
+    p.add_argument("--bf16", action="store_true", help=BF16_HELP)
 
     p = command("bench", "run a pipeline config and write report.md (bootstrap intervals, "
                 "paired differences, timings) and results.csv into its workdir", cmd_bench)
     p.add_argument("config_file", help="pipeline YAML")
     p.add_argument("--workdir", help="override the config's workdir")
+    p.add_argument("--bf16", action="store_true", help=BF16_HELP)
     return parser
 
 
