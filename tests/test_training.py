@@ -1,6 +1,7 @@
 """Expert and gate training: what changes, what must not, and stopping on a NaN loss."""
 
 import hashlib
+import json
 import random
 
 import pytest
@@ -116,7 +117,8 @@ def test_interrupted_training_resumes_from_its_checkpoint_as_if_never_stopped(
     # must both be restored to their place
     config = ExpertConfig(**{**FAST, "steps": 10, "eval_every": 2, "warmup_fraction": 0.5,
                              "grad_accum": 2, "batch_size": 2})
-    reference = train_expert(llama, "toy", examples[:16], examples[16:], tmp_path / "ref", config)
+    reference = train_expert(llama, "toy", examples[:16], examples[16:], tmp_path / "ref", config,
+                             log_path=tmp_path / "ref.jsonl")
     real, calls = loop.token_nll, {"n": 0}
 
     def interrupted(model, batch, seq2seq):
@@ -128,19 +130,27 @@ def test_interrupted_training_resumes_from_its_checkpoint_as_if_never_stopped(
     monkeypatch.setattr(loop, "token_nll", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train_expert(llama, "toy", examples[:16], examples[16:], tmp_path / "e", config,
-                     checkpoint_every=3)
+                     checkpoint_every=3, log_path=tmp_path / "e.jsonl")
     monkeypatch.undo()
+    with (tmp_path / "e.jsonl").open("a") as log:
+        log.write('{"time": 1, "st')  # a line cut short by a kill
     checkpoint = tmp_path / ".e.checkpoint"
     assert not (tmp_path / "e").exists()  # nothing half-written
     assert loop.read_json(checkpoint / "state.json")["step"] == 6
     assert not any("lora" in n for n, _ in llama.model.named_modules())
 
     resumed = train_expert(llama, "toy", examples[:16], examples[16:], tmp_path / "e", config,
-                           checkpoint_every=3)
+                           checkpoint_every=3, log_path=tmp_path / "e.jsonl")
     metrics, expected = load_metadata(resumed)["metrics"], load_metadata(reference)["metrics"]
     assert metrics["resumed_from_step"] == 6 and not checkpoint.exists()
     assert (metrics["best_step"], metrics["best_val_loss"]) == (
         expected["best_step"], expected["best_val_loss"])
+    # the log holds each step once, with the uninterrupted run's values (step 7 was logged
+    # before the interruption, and again after the resume: kept once)
+    def records(path):
+        return [{k: v for k, v in json.loads(line).items() if k != "time"}
+                for line in path.read_text().splitlines()]
+    assert records(tmp_path / "e.jsonl") == records(tmp_path / "ref.jsonl")
     for module, weights in load_lora(reference).items():  # bitwise the uninterrupted result
         assert torch.equal(weights.A, load_lora(resumed)[module].A)
         assert torch.equal(weights.B, load_lora(resumed)[module].B)

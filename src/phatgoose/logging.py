@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -28,6 +29,22 @@ class MetricLogger:
         if self.writer:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
+
+    def drop_after(self, step: int) -> None:
+        """Forget the records of the steps after ``step``: a training resumed from its step-N
+        checkpoint logs steps N+1... again, and one started afresh (N = 0) starts a new log."""
+        if not self.path or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line + "\n")
+            except json.JSONDecodeError:  # a line cut short when a run was killed
+                continue
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text("".join(kept))
+        os.replace(partial, self.path)
 
     def close(self) -> None:
         if self.writer:

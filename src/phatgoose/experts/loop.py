@@ -240,6 +240,8 @@ def train(
         snapshot = {k: p.detach().clone() for k, p in params.items()}
         for _ in range(start * config.grad_accum):  # the batches the first run consumed
             next(stream)
+    if logger:
+        logger.drop_after(start)  # a resumed run logs the steps after its checkpoint again
     model.train()
     bar = tqdm(range(start + 1, config.steps + 1), desc=desc, unit="step", dynamic_ncols=True,
                initial=start, total=config.steps)
