@@ -156,6 +156,51 @@ def test_interrupted_training_resumes_from_its_checkpoint_as_if_never_stopped(
         assert torch.equal(weights.B, load_lora(resumed)[module].B)
 
 
+def test_interrupted_gate_training_resumes_but_not_for_a_retrained_expert(
+    llama, tmp_path, monkeypatch
+):
+    examples = toy_examples(24)
+    expert = train_expert(llama, "toy", examples[:16], examples[16:], tmp_path / "toy",
+                          ExpertConfig(**FAST))
+    config = GateConfig(steps=8, lr=1e-2, batch_size=4, eval_every=4)
+    train_gate(llama, expert, examples[:16], examples[16:], config)
+    reference = load_gates(expert)
+    real = loop.token_nll
+
+    def interrupt_at(n):
+        def interrupted(model, batch, seq2seq):
+            interrupted.calls += 1
+            if interrupted.calls == n:
+                raise KeyboardInterrupt
+            return real(model, batch, seq2seq)
+        interrupted.calls = 0
+        return interrupted
+
+    # 1 training call per step, 2 validation calls every 4 steps: call 9 is in step 7
+    monkeypatch.setattr(loop, "token_nll", interrupt_at(9))
+    with pytest.raises(KeyboardInterrupt):
+        train_gate(llama, expert, examples[:16], examples[16:], config, checkpoint_every=3)
+    monkeypatch.undo()
+    checkpoint = tmp_path / ".toy.gate-checkpoint"
+    assert loop.read_json(checkpoint / "state.json")["step"] == 6
+    assert not any(isinstance(m, RoutedLinear) for m in llama.model.modules())  # unrouted
+    train_gate(llama, expert, examples[:16], examples[16:], config, checkpoint_every=3)
+    assert load_metadata(expert)["gate"]["resumed_from_step"] == 6
+    assert not checkpoint.exists()
+    for module, gate in reference.items():  # bitwise the uninterrupted gates
+        assert torch.equal(gate, load_gates(expert)[module])
+
+    # interrupted again, then the expert is retrained: its gate starts over
+    monkeypatch.setattr(loop, "token_nll", interrupt_at(9))
+    with pytest.raises(KeyboardInterrupt):
+        train_gate(llama, expert, examples[:16], examples[16:], config, checkpoint_every=3)
+    monkeypatch.undo()
+    train_expert(llama, "toy", examples[:16], examples[16:], expert,
+                 ExpertConfig(**{**FAST, "lr": 2e-2}))
+    train_gate(llama, expert, examples[:16], examples[16:], config, checkpoint_every=3)
+    assert load_metadata(expert)["gate"]["resumed_from_step"] == 0
+
+
 def test_a_checkpoint_of_other_settings_is_not_resumed(llama, tmp_path, monkeypatch):
     examples = toy_examples(16)
 
