@@ -287,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True,
                    help="BIG-bench name, task.json/.jsonl path, or hf:NAME")
     p.add_argument("--out", required=True, help="expert directory to write")
-    p.add_argument("--log", help="JSONL file for loss and validation metrics")
+    p.add_argument("--log", help="JSONL file for this training's loss and validation metrics "
+                   "(appended to; a resumed training rewrites the steps after its checkpoint)")
     p.add_argument("--tensorboard", help="TensorBoard log folder (when tensorboard is installed)")
     add_dataclass_args(p, SplitConfig, "data splits", prefix="split_")
     add_dataclass_args(p, ExpertConfig, "expert training")
@@ -298,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_arg(p)
     p.add_argument("expert", help="expert directory (from train-expert)")
     p.add_argument("--task", help="training task (default: the expert's own task)")
-    p.add_argument("--log", help="JSONL file for loss and validation metrics")
+    p.add_argument("--log", help="JSONL file for this training's loss and validation metrics "
+                   "(appended to; a resumed training rewrites the steps after its checkpoint)")
     p.add_argument("--tensorboard", help="TensorBoard log folder (when tensorboard is installed)")
     add_dataclass_args(p, SplitConfig, "data splits", prefix="split_")
     add_dataclass_args(p, GateConfig, "gate training")

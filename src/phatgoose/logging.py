@@ -31,8 +31,8 @@ class MetricLogger:
                 self.writer.add_scalar(key, value, step)
 
     def drop_after(self, step: int) -> None:
-        """Forget the records of the steps after ``step``: a training resumed from its step-N
-        checkpoint logs steps N+1... again, and one started afresh (N = 0) starts a new log."""
+        """Forget the records of the steps after ``step`` (and lines cut short): a training
+        resumed from its step-N checkpoint logs steps N+1... again."""
         if not self.path or not self.path.exists():
             return
         kept = []

@@ -240,7 +240,7 @@ def train(
         snapshot = {k: p.detach().clone() for k, p in params.items()}
         for _ in range(start * config.grad_accum):  # the batches the first run consumed
             next(stream)
-    if logger:
+    if logger and start:
         logger.drop_after(start)  # a resumed run logs the steps after its checkpoint again
     model.train()
     bar = tqdm(range(start + 1, config.steps + 1), desc=desc, unit="step", dynamic_ncols=True,
