@@ -25,10 +25,8 @@ import routed_inference as bench  # noqa: E402
 
 def logits(experts: int, ids: torch.Tensor, dtype: torch.dtype, peft: bool) -> torch.Tensor:
     from peft import ArrowConfig
-    from peft.tuners.lora.arrow import ArrowLoraLinearLayer
 
-    ArrowLoraLinearLayer.top_right_singular_vec_from_BA = (  # the exact vector, as phatgoose's
-        lambda self, A, B, iters=15, eps=1e-8: bench.top_right_singular_vector(A, B))
+    bench.exact_peft_prototypes()
     model = bench.base_model("cpu", torch.float32)
     loras = bench.synthetic_experts(model, experts)
     if peft:

@@ -272,25 +272,31 @@ def peft_arrow_injected(model, loras: dict[str, list[LoraWeights]], arrow_config
     return peft_model
 
 
-def peft_arrow(experts: int, args) -> dict:
-    """PEFT's create_arrow_model vs phatgoose's arrow on the same adapters, top-k, dtype."""
-    from peft import ArrowConfig, create_arrow_model
+def exact_peft_prototypes() -> None:
+    """PEFT finds each Arrow prototype by 15 power iterations from a random start, which leaves
+    errors of about 1e-3 and so different outputs; give it the exact singular vector (as
+    phatgoose computes it) so that the outputs can be compared."""
     from peft.tuners.lora.arrow import ArrowLoraLinearLayer
 
-    # PEFT finds each prototype by 15 power iterations from a random start, which leaves errors
-    # of about 1e-3 and so different outputs; give it the exact singular vector (as ours) so
-    # the outputs can be compared. Prototypes are built once, before the timed forwards.
     ArrowLoraLinearLayer.top_right_singular_vec_from_BA = (
         lambda self, A, B, iters=15, eps=1e-8: top_right_singular_vector(A, B))
 
+
+def peft_arrow(experts: int, args) -> dict:
+    """PEFT's Arrow vs phatgoose's arrow on the same adapters, top-k, dtype. Prototypes are
+    built once, before the timed forwards."""
+    from peft import ArrowConfig, create_arrow_model
+
+    exact_peft_prototypes()
     dtype, device = DTYPES[args.dtype], args.device
     ids = torch.randint(3, 40000, (BATCH, SEQ), device=device)
     model = base_model(device, dtype)
     loras = synthetic_experts(model, experts)
     result = {"experts": experts}
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
-        paths = write_peft_adapters(loras, Path(tmp))
-        progress(f"{experts} PEFT adapters written")
+        if args.peft_build == "load":  # injected adapters need no files
+            paths = write_peft_adapters(loras, Path(tmp))
+            progress(f"{experts} PEFT adapters written")
         route_synthetic(model, loras, "arrow")
         ours = model(ids).logits  # also the warm-up
         result["phatgoose_arrow_prefill_s"] = timed(lambda: model(ids), args.repeats, device,
@@ -308,7 +314,7 @@ def peft_arrow(experts: int, args) -> dict:
         result["peft_build"] = args.peft_build
         peft_model.to(device, dtype).eval()
         result["peft_load_s"] = time.perf_counter() - start
-        progress(f"PEFT create_arrow_model: {result['peft_load_s']:.1f} s")
+        progress(f"PEFT Arrow model built ({args.peft_build}): {result['peft_load_s']:.1f} s")
         try:
             start = time.perf_counter()
             theirs = peft_model(input_ids=ids).logits  # also the warm-up
