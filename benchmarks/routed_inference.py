@@ -1,12 +1,15 @@
 """Routed inference speed and memory on SmolLM2-135M with E synthetic rank-8 experts on all 7
 linear modules of its 30 layers (issue 4): prefill and decode against the base model, the
 dense reference path, PEFT's Arrow on the same adapters, peak RSS, library load time, and the
-arithmetic that bounds what is achievable; and, with ``--compiled-decode``, decoding with
-both models under ``torch.compile`` (static KV cache).
+arithmetic that bounds what is achievable; and, with ``--compiled-prefill`` and
+``--compiled-decode``, prefill and decoding (static KV cache) with both models under
+``torch.compile`` (with CUDA graphs on CUDA).
 
     python benchmarks/routed_inference.py                      # CPU, fp32, E = 8 64 256 1024
     python benchmarks/routed_inference.py --experts --peft --load --compiled-decode 64
     python benchmarks/routed_inference.py --device cuda --dtype bf16 --out gpu.json
+    python benchmarks/routed_inference.py --device cuda --dtype bf16 --experts --peft --load \
+        --compiled-prefill 64 --compiled-decode 64
 
 Each E runs in its own process (so peak RSS is per E). The base model has SmolLM2-135M's exact
 architecture with random weights (speed does not depend on the values); the experts and router
@@ -160,25 +163,74 @@ def decode_steps(model, forward, batch: int, device: str, steps: int = NEW_TOKEN
     return (time.perf_counter() - start) / steps
 
 
-def compiled_decode(experts: int, args) -> dict:
-    """Decode time per token, eager and under torch.compile, base model and routed (top-2,
-    sparse path): like for like, both models compiled the same way."""
+def compile_mode(device: str) -> str:
+    """On CUDA, CUDA graphs (``reduce-overhead``): one launch replays the whole forward, which is
+    what a routed forward of many small kernels needs there; on CPU, inductor's default."""
+    return "reduce-overhead" if device == "cuda" else "default"
+
+
+def compiled_prefill(experts: int, args) -> dict:
+    """Prefill (8 x 256 tokens) time, eager and under torch.compile, base model and routed
+    (top-2, sparse path), both compiled the same way, and the compiled routed logits against
+    the eager ones."""
+    from torch._dynamo.utils import counters
+
     dtype, device = DTYPES[args.dtype], args.device
     model = base_model(device, dtype)
-    result = {"experts": experts, "device": device, "dtype": args.dtype}
+    ids = torch.randint(3, 40000, (BATCH, SEQ), device=device)
+    mode = compile_mode(device)
+    result = {"experts": experts, "device": device, "dtype": args.dtype, "mode": mode,
+              "torch": torch.__version__}
     with torch.no_grad():
         for name in ("base", "routed"):
             if name == "routed":
                 torch._dynamo.reset()
                 route_synthetic(model, synthetic_experts(model, experts), "phatgoose")
                 set_path(model, "sparse")
-            compiled = torch.compile(model, fullgraph=True, dynamic=False)
-            for b in (1, 8):
+            counters.clear()
+            progress(f"{name}: eager")
+            eager = model(ids, use_cache=False).logits.float()
+            result[f"{name}_eager_s"] = timed(lambda: model(ids, use_cache=False), args.repeats,
+                                              device)
+            compiled = torch.compile(model, dynamic=False, mode=mode)
+            progress(f"{name}: compiling ({mode})")
+            start = time.perf_counter()
+            for _ in range(3):  # CUDA graphs are recorded on the second or third call
+                logits = compiled(ids, use_cache=False).logits.float()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            result[f"{name}_compile_s"] = time.perf_counter() - start
+            result[f"{name}_graph_breaks"] = sum(counters["graph_break"].values())
+            result[f"{name}_compiled_vs_eager"] = compare_logits(logits, eager)
+            progress(f"{name}: timing compiled")
+            result[f"{name}_compiled_s"] = timed(lambda c=compiled: c(ids, use_cache=False),
+                                                 args.repeats, device)
+    result["rss_gib"] = peak_rss_gib()
+    return result
+
+
+def compiled_decode(experts: int, args) -> dict:
+    """Decode time per token, eager and under torch.compile, base model and routed (top-2,
+    sparse path): like for like, both models compiled the same way."""
+    dtype, device = DTYPES[args.dtype], args.device
+    model = base_model(device, dtype)
+    result = {"experts": experts, "device": device, "dtype": args.dtype,
+              "mode": compile_mode(device), "torch": torch.__version__}
+    with torch.no_grad():
+        for name in ("base", "routed"):
+            if name == "routed":
+                torch._dynamo.reset()
+                route_synthetic(model, synthetic_experts(model, experts), "phatgoose")
+                set_path(model, "sparse")
+            compiled = torch.compile(model, fullgraph=True, dynamic=False,
+                                     mode=compile_mode(device))
+            for b in args.decode_batches:
                 decode_steps(model, model, b, device, 4)  # warm-up
                 result[f"{name}_eager_b{b}_s"] = min(decode_steps(model, model, b, device)
                                                      for _ in range(args.repeats))
+                progress(f"{name}: compiling decode, batch {b}")
                 start = time.perf_counter()
-                decode_steps(model, compiled, b, device, 2)  # compiles this batch size
+                decode_steps(model, compiled, b, device, 3)  # compiles (and records) batch b
                 result[f"{name}_compile_b{b}_s"] = time.perf_counter() - start
                 result[f"{name}_compiled_b{b}_s"] = min(decode_steps(model, compiled, b, device)
                                                         for _ in range(args.repeats))
@@ -425,7 +477,8 @@ def memory(experts: int, args) -> dict:
 def child(flag: str, experts: int, args) -> dict:
     cmd = [sys.executable, __file__, flag, str(experts), "--device", args.device, "--dtype",
            args.dtype, "--repeats", str(args.repeats), "--workdir", args.workdir,
-           "--child-timeout", str(args.child_timeout), "--peft-build", args.peft_build]
+           "--child-timeout", str(args.child_timeout), "--peft-build", args.peft_build,
+           "--decode-batches", *map(str, args.decode_batches)]
     print("$", " ".join(cmd[1:]), flush=True)
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
@@ -480,12 +533,29 @@ def report(results: dict) -> None:
             if "error" in r:
                 print(f"| {r['experts']} | {r['error']} |")
                 continue
-            for b in (1, 8):
+            for b in (b for b in (1, 8) if f"base_eager_b{b}_s" in r):
                 be, re_, bc, rc = (r[f"{m}_b{b}_s"] * 1e3 for m in (
                     "base_eager", "routed_eager", "base_compiled", "routed_compiled"))
                 print(f"| {r['experts']} | {b} | {be:.1f} | {re_:.1f} | {re_ / be:.2f}x "
                       f"| {bc:.1f} | {rc:.1f} | **{rc / bc:.2f}x** "
                       f"| {r[f'base_compile_b{b}_s']:.0f}, {r[f'routed_compile_b{b}_s']:.0f} |")
+    if results.get("compiled_prefill"):
+        print("\n| E | mode | base eager (ms) | routed eager | routed / base | base compiled "
+              "| routed compiled | routed / base | compile s (base, routed) | graph breaks "
+              "| routed compiled vs eager |")
+        print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in results["compiled_prefill"]:
+            if "error" in r:
+                print(f"| {r['experts']} | {r['error']} |")
+                continue
+            be, re_, bc, rc = (r[f"{m}_s"] * 1e3 for m in (
+                "base_eager", "routed_eager", "base_compiled", "routed_compiled"))
+            diff = r["routed_compiled_vs_eager"]
+            print(f"| {r['experts']} | {r['mode']} | {be:.1f} | {re_:.1f} | {re_ / be:.2f}x "
+                  f"| {bc:.1f} | {rc:.1f} | **{rc / bc:.2f}x** "
+                  f"| {r['base_compile_s']:.0f}, {r['routed_compile_s']:.0f} "
+                  f"| {r['base_graph_breaks']}, {r['routed_graph_breaks']} "
+                  f"| {diff['max_rel_diff']:.1e} ({diff['tokens_differing']} tokens) |")
     for r in results.get("memory", []):
         if "error" in r:
             print(f"\nmemory at E = {r['experts']}: {r['error']}")
@@ -551,6 +621,11 @@ def main() -> None:
                         help="E at which to measure peak RSS routing from a library on disk")
     parser.add_argument("--compiled-decode", type=int, nargs="*", default=[],
                         help="E at which to time decoding under torch.compile")
+    parser.add_argument("--compiled-prefill", type=int, nargs="*", default=[],
+                        help="E at which to time prefill under torch.compile (CUDA graphs on "
+                             "CUDA)")
+    parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8],
+                        choices=[1, 8], help="batch sizes of the compiled decoding")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--repeats", type=int, default=3)
@@ -562,19 +637,23 @@ def main() -> None:
     parser.add_argument("--peft-one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--load-one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--compiled-one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--prefill-one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--stack-one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--memory-one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     for flag, fn in (("one", one), ("peft_one", peft_arrow), ("load_one", library_load),
-                     ("compiled_one", compiled_decode), ("stack_one", stack_library),
+                     ("compiled_one", compiled_decode), ("prefill_one", compiled_prefill),
+                     ("stack_one", stack_library),
                      ("memory_one", memory)):
         if getattr(args, flag) is not None:
             print(json.dumps(fn(getattr(args, flag), args)))
             return
     results = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
-               "routed": [], "peft": [], "load": [], "compiled_decode": [], "memory": []}
+               "routed": [], "peft": [], "load": [], "compiled_prefill": [],
+               "compiled_decode": [], "memory": []}
     for key, flag, values in (("routed", "--one", args.experts), ("peft", "--peft-one", args.peft),
                               ("load", "--load-one", args.load),
+                              ("compiled_prefill", "--prefill-one", args.compiled_prefill),
                               ("compiled_decode", "--compiled-one", args.compiled_decode),
                               ("memory", "--memory-one", args.memory)):
         for e in values:

@@ -128,11 +128,13 @@ class RoutedLinear(nn.Module):
                 torch.compiler.is_compiling()):
             return self._add_sparse_delta(flat_x, out, flat_out, weights, experts)
         # many tokens: (token, slot) pairs sorted by expert, one grouped matmul per factor,
-        # each pair's output added into its token's row
-        pair_expert = experts.reshape(-1)
-        order = pair_expert.argsort(stable=True)
+        # each pair's output added into its token's row. The group ends come from a search in
+        # the sorted experts, not bincount, whose output size waits on the device (a host
+        # sync per module on a GPU, a graph break under torch.compile).
+        sorted_experts, order = experts.reshape(-1).sort(stable=True)
         token = order // k
-        ends = torch.bincount(pair_expert, minlength=self.num_experts).cumsum(0)
+        ends = torch.searchsorted(sorted_experts, torch.arange(
+            self.num_experts, device=experts.device), right=True)
         hidden = grouped_matmul(flat_x.index_select(0, token), self.lora_A.transpose(1, 2),
                                 ends)
         hidden = hidden * weights.reshape(-1, 1).index_select(0, order)
@@ -169,13 +171,23 @@ class RoutedLinear(nn.Module):
 def grouped_matmul(x: Tensor, weights: Tensor, ends: Tensor) -> Tensor:
     """Rows ends[e-1]:ends[e] of x times weights[e] (E, d, f), for every e: (N, f).
 
-    torch's grouped matmul where it supports the device and dtype; else a loop over experts."""
+    torch's grouped matmul where it supports the device and dtype; else a loop over experts.
+    Under torch.compile, grouped_mm traces only in bf16 (with 16-byte-aligned rows): other
+    dtypes run the loop outside the graph (one graph break per module)."""
+    aligned = x.dtype == torch.bfloat16 and x.shape[-1] % 8 == 0 and weights.shape[-1] % 8 == 0
+    if torch.compiler.is_compiling() and not aligned:
+        return _grouped_matmul_loop(x, weights, ends)
     try:
         return F.grouped_mm(x, weights, offs=ends.to(torch.int32))
     except (RuntimeError, NotImplementedError, AttributeError):
-        sizes = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
-        parts = [p @ weights[e] for e, p in enumerate(x.split(sizes)) if p.shape[0]]
-        return torch.cat(parts) if parts else x.new_zeros(0, weights.shape[-1])
+        return _grouped_matmul_loop(x, weights, ends)
+
+
+@torch.compiler.disable
+def _grouped_matmul_loop(x: Tensor, weights: Tensor, ends: Tensor) -> Tensor:
+    sizes = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
+    parts = [p @ weights[e] for e, p in enumerate(x.split(sizes)) if p.shape[0]]
+    return torch.cat(parts) if parts else x.new_zeros(0, weights.shape[-1])
 
 
 class SharedProjection:
