@@ -1,6 +1,7 @@
 """The sparse (top-k) routed path against the dense reference path, the folded router
 standardisation, and the router matmul shared by modules that read the same input."""
 
+import copy
 import math
 
 import pytest
@@ -56,7 +57,7 @@ def test_sparse_path_equals_dense_reference(kind, top_k, tokens, kernel, monkeyp
         raise AssertionError(f"the {kernel} kernel should run")
 
     if kernel == "grouped":
-        monkeypatch.setattr(container, "SPARSE_DTYPES", ())
+        monkeypatch.setattr(container, "CPU_SPARSE_MATMULS", False)
         monkeypatch.setattr(torch.sparse, "sampled_addmm", unused)
     elif kernel == "sparse-matmul":
         monkeypatch.setattr(container, "grouped_matmul", unused)
@@ -82,6 +83,33 @@ def test_sparse_path_equals_dense_reference(kind, top_k, tokens, kernel, monkeyp
         loop = loop + chosen[:, i : i + 1] * e.scaling * (x @ e.A.T @ e.B.T)
     torch.testing.assert_close(sparse, loop, atol=1e-4 * float(scale), rtol=0)
     assert ((chosen > 0).sum(-1) == top_k).all()
+
+
+def test_bf16_model_on_cpu_runs_many_tokens_as_sparse_matmuls_in_fp32(monkeypatch):
+    """torch's CPU grouped matmul and index_add_ are scalar loops in bf16: a bf16 model's delta
+    is computed by the fp32 sparse kernels instead, and matches the fp32 delta to bf16's
+    precision of the output."""
+    def unused(*args, **kwargs):
+        raise AssertionError("the grouped kernel should not run on CPU")
+
+    monkeypatch.setattr(container, "grouped_matmul", unused)
+    torch.manual_seed(3)
+    d_in, d_out, n_experts = 32, 24, 12
+    weights = experts(d_in, d_out, [4] * n_experts)
+    layer = RoutedLinear.from_experts(nn.Linear(d_in, d_out), weights,
+                                      PhatgooseRouter(torch.randn(n_experts, d_in), 2))
+    layer.path = "sparse"
+    layer = layer.to(torch.bfloat16)
+    assert layer.lora_A.dtype == torch.bfloat16
+    x = torch.randn(2, 100, d_in).bfloat16()
+    out = layer(x)
+    # the same bf16 numbers in an fp32 model: the same routing, the delta in fp32 throughout
+    reference = copy.deepcopy(layer).float()(x.float())
+    assert out.dtype == torch.bfloat16 and out.shape == reference.shape
+    scale = float(reference.abs().max())
+    torch.testing.assert_close(out.float(), reference, rtol=0, atol=1e-2 * scale)
+    layer.path = "dense"  # the bf16 dense reference path
+    torch.testing.assert_close(out.float(), layer(x).float(), rtol=0, atol=2e-2 * scale)
 
 
 def test_default_path_is_sparse_above_dense_max_experts():

@@ -14,15 +14,19 @@ from phatgoose.models import linear_dims
 from phatgoose.routing.routers import TopKRouter, scoring
 
 # Below this many (token, expert) pairs the sparse path gathers the chosen experts' factors
-# (decoding); above it, it runs sparse matmuls on CPU in fp32, else pairs are sorted by expert
-# and run as grouped matmuls (prefill).
+# (decoding); above it, it runs sparse matmuls on CPU (in fp32 or fp64), else pairs are sorted
+# by expert and run as grouped matmuls (prefill).
 GATHER_MAX_PAIRS = 64
 # Up to this many experts, computing every expert (one concatenated LoRA of rank E r) costs
 # about what the sparse path's routing costs, so top-k routers use it too. Measured on CPU in
 # fp32 (8 x 256-token prefill): the sparse path 4% faster at E = 8 and 13% at E = 12; the
 # dense path 1.5x faster at E = 4 for rank classification.
 DENSE_MAX_EXPERTS = 8
-# dtypes of torch's CPU sparse kernels (sampled_addmm has no bf16): others sort by expert
+# Many tokens on CPU run as sparse matmuls (``_add_sparse_delta``), whatever the model's dtype:
+# torch's CPU grouped matmul and index_add_ are scalar loops in bf16 (measured 8x slower than
+# the base model's forward at E = 12). Tests turn this off to reach the grouped path on CPU.
+CPU_SPARSE_MATMULS = True
+# dtypes of torch's CPU sparse kernels (sampled_addmm has no bf16): others run them in fp32
 SPARSE_DTYPES = (torch.float32, torch.float64)
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
@@ -40,8 +44,9 @@ class RoutedLinear(nn.Module):
       forms a tokens x experts x d_out tensor.
     - ``sparse`` (``TopKRouter``s, above that many experts):
       only the k chosen experts run per token: k r (d_in + d_out) multiply-adds per token;
-      with few tokens by gathering their factors, with many by sparse matmuls (CPU, fp32) or
-      grouped matmuls over (token, slot) pairs sorted by expert (other devices and dtypes).
+      with few tokens by gathering their factors, with many by sparse matmuls (CPU; a bf16
+      model's delta in fp32) or grouped matmuls over (token, slot) pairs sorted by expert
+      (other devices).
     Top-k routers project the input with one matmul, shared with sibling modules that read the
     same input (see ``SharedProjection``).
 
@@ -112,9 +117,15 @@ class RoutedLinear(nn.Module):
     def sparse_forward(self, x: Tensor) -> Tensor:
         out = self.base(x).contiguous()  # added into in place, through a flat view
         flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1, self.d_out)
-        weights, experts = self.router.select(self.projection(x).reshape(flat_x.shape[0], -1),
-                                              flat_x)
+        x_scoring = scoring(flat_x)  # converted once: the router and a bf16 CPU delta read it
+        weights, experts = self.router.select(
+            self.projection(x).reshape(flat_x.shape[0], -1), x_scoring)
         n, k = experts.shape
+        if CPU_SPARSE_MATMULS and flat_x.device.type == "cpu" and not (
+                torch.compiler.is_compiling()) and n * k > GATHER_MAX_PAIRS:
+            return self._add_sparse_delta(
+                flat_x if flat_x.dtype in SPARSE_DTYPES else x_scoring, out, flat_out, weights,
+                experts)
         weights = weights.to(x.dtype)
         if n * k <= GATHER_MAX_PAIRS:  # few tokens: gather the chosen experts' factors
             pairs = experts.reshape(-1)
@@ -124,9 +135,6 @@ class RoutedLinear(nn.Module):
             B = self.lora_B.index_select(0, pairs).view(n, k * self.rank, self.d_out)
             flat_out += torch.bmm(hidden, B).view(n, self.d_out)  # the bmm sums over the k
             return out
-        if flat_x.device.type == "cpu" and flat_x.dtype in SPARSE_DTYPES and not (
-                torch.compiler.is_compiling()):
-            return self._add_sparse_delta(flat_x, out, flat_out, weights, experts)
         # many tokens: (token, slot) pairs sorted by expert, one grouped matmul per factor,
         # each pair's output added into its token's row. The group ends come from a search in
         # the sorted experts, not bincount, whose output size waits on the device (a host
@@ -148,8 +156,12 @@ class RoutedLinear(nn.Module):
         matrix H with k r entries per row, H = (x A^T) sampled at those entries (SDDMM), scaled
         by the weights, then out += H B (sparse x dense, accumulated in place), A and B being
         the stacks seen as (E r, d_in) and (E r, d_out). Unlike sorting pairs by expert, no
-        (pairs, d_out) tensor is written and read back (measured 1.6x faster at E = 64)."""
+        (pairs, d_out) tensor is written and read back (measured 1.6x faster at E = 64).
+        ``flat_x`` comes in fp32 for a model in another dtype than fp32 and fp64 (bf16): the
+        delta is computed in fp32 and added once."""
         n, k = experts.shape
+        A, B = self.lora_A.to(flat_x.dtype), self.lora_B.to(flat_x.dtype)
+        weights = weights.to(flat_x.dtype)
         experts, slot = experts.sort(dim=-1)  # CSR columns ascending within each row
         weights = weights.gather(-1, slot)
         columns = (experts.unsqueeze(-1) * self.rank + torch.arange(
@@ -160,11 +172,13 @@ class RoutedLinear(nn.Module):
         pattern = torch.sparse_csr_tensor(rows, columns, flat_x.new_zeros(columns.shape), shape,
                                           check_invariants=False)
         hidden = torch.sparse.sampled_addmm(
-            pattern, flat_x, self.lora_A.reshape(shape[1], -1).T, beta=0.0).values()
+            pattern, flat_x, A.reshape(shape[1], -1).T, beta=0.0).values()
         hidden = (hidden.view(n, k, self.rank) * weights.unsqueeze(-1)).reshape(-1)
-        flat_out.addmm_(torch.sparse_csr_tensor(rows, columns, hidden, shape,
-                                                check_invariants=False),
-                        self.lora_B.reshape(shape[1], -1))
+        H = torch.sparse_csr_tensor(rows, columns, hidden, shape, check_invariants=False)
+        if flat_out.dtype == flat_x.dtype:
+            flat_out.addmm_(H, B.reshape(shape[1], -1))
+        else:  # the fp32 delta, rounded once as it is added
+            flat_out.add_(H @ B.reshape(shape[1], -1))
         return out
 
 
