@@ -169,6 +169,16 @@ def compile_mode(device: str) -> str:
     return "reduce-overhead" if device == "cuda" else "default"
 
 
+def base_then_routed(model, experts: int):
+    """Yield "base"; then route ``model`` among E synthetic experts (top-2, sparse path), with
+    torch.compile's caches reset, and yield "routed"."""
+    yield "base"
+    torch._dynamo.reset()
+    route_synthetic(model, synthetic_experts(model, experts), "phatgoose")
+    set_path(model, "sparse")
+    yield "routed"
+
+
 def compiled_prefill(experts: int, args) -> dict:
     """Prefill (8 x 256 tokens) time, eager and under torch.compile, base model and routed
     (top-2, sparse path), both compiled the same way, and the compiled routed logits against
@@ -182,11 +192,7 @@ def compiled_prefill(experts: int, args) -> dict:
     result = {"experts": experts, "device": device, "dtype": args.dtype, "mode": mode,
               "torch": torch.__version__}
     with torch.no_grad():
-        for name in ("base", "routed"):
-            if name == "routed":
-                torch._dynamo.reset()
-                route_synthetic(model, synthetic_experts(model, experts), "phatgoose")
-                set_path(model, "sparse")
+        for name in base_then_routed(model, experts):
             counters.clear()
             progress(f"{name}: eager")
             eager = model(ids, use_cache=False).logits.float()
@@ -217,11 +223,7 @@ def compiled_decode(experts: int, args) -> dict:
     result = {"experts": experts, "device": device, "dtype": args.dtype,
               "mode": compile_mode(device), "torch": torch.__version__}
     with torch.no_grad():
-        for name in ("base", "routed"):
-            if name == "routed":
-                torch._dynamo.reset()
-                route_synthetic(model, synthetic_experts(model, experts), "phatgoose")
-                set_path(model, "sparse")
+        for name in base_then_routed(model, experts):
             compiled = torch.compile(model, fullgraph=True, dynamic=False,
                                      mode=compile_mode(device))
             for b in args.decode_batches:
@@ -493,6 +495,15 @@ def child(flag: str, experts: int, args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def eager_and_compiled_cells(r: dict, suffix: str) -> str:
+    """Table cells of base and routed times (ms), eager then compiled, each pair with its
+    routed / base ratio, from ``r``'s ``{base,routed}_{eager,compiled}<suffix>`` seconds."""
+    be, re_, bc, rc = (r[f"{m}{suffix}"] * 1e3 for m in (
+        "base_eager", "routed_eager", "base_compiled", "routed_compiled"))
+    return (f"{be:.1f} | {re_:.1f} | {re_ / be:.2f}x | {bc:.1f} | {rc:.1f} "
+            f"| **{rc / bc:.2f}x**")
+
+
 def report(results: dict) -> None:
     print("\n| E | multiply-adds vs base (shared router) | prefill base (s) | dense | sparse "
           "| sparse / base throughput | decode b1 sparse/base | decode b8 sparse/base "
@@ -534,10 +545,7 @@ def report(results: dict) -> None:
                 print(f"| {r['experts']} | {r['error']} |")
                 continue
             for b in (b for b in (1, 8) if f"base_eager_b{b}_s" in r):
-                be, re_, bc, rc = (r[f"{m}_b{b}_s"] * 1e3 for m in (
-                    "base_eager", "routed_eager", "base_compiled", "routed_compiled"))
-                print(f"| {r['experts']} | {b} | {be:.1f} | {re_:.1f} | {re_ / be:.2f}x "
-                      f"| {bc:.1f} | {rc:.1f} | **{rc / bc:.2f}x** "
+                print(f"| {r['experts']} | {b} | {eager_and_compiled_cells(r, f'_b{b}_s')} "
                       f"| {r[f'base_compile_b{b}_s']:.0f}, {r[f'routed_compile_b{b}_s']:.0f} |")
     if results.get("compiled_prefill"):
         print("\n| E | mode | base eager (ms) | routed eager | routed / base | base compiled "
@@ -548,11 +556,8 @@ def report(results: dict) -> None:
             if "error" in r:
                 print(f"| {r['experts']} | {r['error']} |")
                 continue
-            be, re_, bc, rc = (r[f"{m}_s"] * 1e3 for m in (
-                "base_eager", "routed_eager", "base_compiled", "routed_compiled"))
             diff = r["routed_compiled_vs_eager"]
-            print(f"| {r['experts']} | {r['mode']} | {be:.1f} | {re_:.1f} | {re_ / be:.2f}x "
-                  f"| {bc:.1f} | {rc:.1f} | **{rc / bc:.2f}x** "
+            print(f"| {r['experts']} | {r['mode']} | {eager_and_compiled_cells(r, '_s')} "
                   f"| {r['base_compile_s']:.0f}, {r['routed_compile_s']:.0f} "
                   f"| {r['base_graph_breaks']}, {r['routed_graph_breaks']} "
                   f"| {diff['max_rel_diff']:.1e} ({diff['tokens_differing']} tokens) |")
