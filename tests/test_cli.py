@@ -169,3 +169,21 @@ def test_bench_bf16_turns_autocast_on_in_every_stage(tmp_path, monkeypatch, caps
     assert commands == [f"phatgoose bench {config} --bf16 --workdir {tmp_path / 'bf16'}"]
     assert main(["bench", str(config)]) == 0  # without the flag, the config decides
     assert not (seen[1].expert.bf16 or seen[1].gate.bf16 or seen[1].eval.bf16)
+
+
+def test_bench_methods_replace_the_configs_methods_and_k_ablation(tmp_path, monkeypatch):
+    from phatgoose import pipeline
+    from phatgoose.eval import report
+
+    config = tmp_path / "bench.yaml"
+    config.write_text(yaml.safe_dump({"experts": ["a"], "methods": ["base", "phatgoose", "arrow"],
+                                      "top_k_ablation": [1, 4]}))
+    seen, commands = [], []
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda c: seen.append(c) or {})
+    monkeypatch.setattr(report, "write_report", lambda work, result, title, command:
+                        commands.append(command) or config)
+    assert main(["bench", str(config), "--methods", "base", "phatgoose"]) == 0
+    assert seen[0].methods == ["base", "phatgoose"] and seen[0].top_k_ablation == []
+    assert commands == [f"phatgoose bench {config} --methods base phatgoose"]
+    assert main(["bench", str(config)]) == 0  # without the flag, the config decides
+    assert seen[1].methods == ["base", "phatgoose", "arrow"] and seen[1].top_k_ablation == [1, 4]

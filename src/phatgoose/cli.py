@@ -192,12 +192,15 @@ def cmd_eval(args) -> None:
 
 
 def _pipeline_config(args):
-    """The config file's pipeline, with the command line's overrides (--workdir, --bf16)."""
+    """The config file's pipeline, with the command line's overrides (--workdir, --bf16,
+    --methods)."""
     from phatgoose.pipeline import PipelineConfig
 
     data = _read_yaml(args.config_file)
     if args.workdir:
         data["workdir"] = args.workdir
+    if args.methods:  # only these methods: the config's k ablation rows go too
+        data["methods"], data["top_k_ablation"] = args.methods, []
     if args.bf16:  # every stage that runs the model: experts, gates, multitask, evaluation
         for section in ("expert", "gate", "eval"):
             data[section] = {**(data.get(section) or {}), "bf16": True}
@@ -219,7 +222,8 @@ def cmd_bench(args) -> None:
     config = _pipeline_config(args)
     result = run_pipeline(config)
     command = (f"phatgoose bench {args.config_file}" + (" --bf16" if args.bf16 else "")
-               + (f" --workdir {args.workdir}" if args.workdir else ""))
+               + (f" --workdir {args.workdir}" if args.workdir else "")
+               + (f" --methods {' '.join(args.methods)}" if args.methods else ""))
     path = write_report(config.workdir, result, f"Results of {args.config_file}", command)
     print(path.read_text())
     print(f"report: {path}")
@@ -228,6 +232,8 @@ def cmd_bench(args) -> None:
 BF16_HELP = ("bf16 autocast in every stage (experts, gates, multitask, evaluation), whatever "
              "the config says; faster on AMX CPUs and GPUs, far slower on other CPUs. Cached "
              "items are keyed by it: use another --workdir to keep both runs")
+METHODS_HELP = ("run only these methods (e.g. base phatgoose), instead of the config's list and "
+                "its top_k_ablation rows; the cached stages they need are shared")
 
 
 # -- parser ------------------------------------------------------------------------------------
@@ -363,12 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config_file", help="pipeline YAML, e.g. configs/demo.yaml")
     p.add_argument("--workdir", help="override the config's workdir")
     p.add_argument("--bf16", action="store_true", help=BF16_HELP)
+    p.add_argument("--methods", nargs="+", metavar="METHOD", help=METHODS_HELP)
 
     p = command("bench", "run a pipeline config and write report.md (bootstrap intervals, "
                 "paired differences, timings) and results.csv into its workdir", cmd_bench)
     p.add_argument("config_file", help="pipeline YAML")
     p.add_argument("--workdir", help="override the config's workdir")
     p.add_argument("--bf16", action="store_true", help=BF16_HELP)
+    p.add_argument("--methods", nargs="+", metavar="METHOD", help=METHODS_HELP)
     return parser
 
 
