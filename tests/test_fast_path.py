@@ -170,6 +170,21 @@ def test_shared_projection_reuses_one_matmul_only_for_the_same_input(path):
     torch.testing.assert_close(layers[2](y), own_y)  # another input: projected afresh
 
 
+def test_shared_projection_converts_a_bf16_input_to_fp32_once_for_all_members():
+    torch.manual_seed(3)
+    layers = [RoutedLinear.from_experts(nn.Linear(8, 5), experts(8, 5, [2] * 12),
+                                        PhatgooseRouter(torch.randn(12, 8), 2)).bfloat16()
+              for _ in range(3)]
+    group = SharedProjection(layers)
+    x = torch.randn(4, 8).bfloat16()
+    served = [layer.routing_inputs(x) for layer in layers]
+    assert all(s[0] is served[0][0] for s in served) and served[0][0].dtype == torch.float32
+    torch.testing.assert_close(served[0][0], x.float(), rtol=0, atol=0)
+    for layer, (_, projection) in zip(layers, served):
+        torch.testing.assert_close(projection, layer.router.project(x), rtol=1e-6, atol=1e-6)
+    assert group._input is None  # every member served: nothing held
+
+
 def test_routed_llama_shares_qkv_and_gate_up_and_matches_dense(llama, tmp_path):
     dirs = [random_expert(llama, tmp_path / f"e{i}", seed=i) for i in range(5)]
     library = ExpertLibrary.build(tmp_path / "lib", dirs)
@@ -207,6 +222,6 @@ def test_an_fp64_model_routes_in_fp64_and_fp32_models_in_fp32():
                                         PhatgooseRouter(torch.randn(12, 8), 2)).double()
               for _ in range(2)]
     group = SharedProjection(layers)
-    assert group.projection(0, x.double()).dtype == torch.float64
-    torch.testing.assert_close(group.projection(1, x.double()),
+    assert group.inputs(0, x.double())[1].dtype == torch.float64
+    torch.testing.assert_close(group.inputs(1, x.double())[1],
                                layers[1].router.project(x.double()), atol=1e-12, rtol=1e-12)

@@ -99,27 +99,30 @@ class RoutedLinear(nn.Module):
         """The router's weights (..., E), zero for experts it does not use."""
         if not isinstance(self.router, TopKRouter):
             return self.router(x)
-        return self.router.dense_weights(self.projection(x), x)
+        return self.router.dense_weights(self.routing_inputs(x)[1], x)
 
     def dense_delta(self, x: Tensor) -> Tensor:
         weights = self.mixing_weights(x).to(x.dtype)  # (..., E)
         hidden = torch.einsum("...d,erd->...er", x, self.lora_A) * weights.unsqueeze(-1)
         return torch.einsum("...er,ero->...o", hidden, self.lora_B)
 
-    def projection(self, x: Tensor) -> Tensor:
+    def routing_inputs(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``x`` in the routing precision (``scoring``) and the router's projection of it,
+        both shared with the sibling modules that read the same input (converted once)."""
         # Under torch.compile each module projects its own input: the sharing's identity check
         # would break the graph.
         if self.shared is not None and not torch.compiler.is_compiling():
             group, index = self.shared
-            return group.projection(index, x)
-        return self.router.project(x)
+            return group.inputs(index, x)
+        x_scoring = scoring(x)
+        return x_scoring, self.router.project(x_scoring)
 
     def sparse_forward(self, x: Tensor) -> Tensor:
         out = self.base(x).contiguous()  # added into in place, through a flat view
         flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1, self.d_out)
-        x_scoring = scoring(flat_x)  # converted once: the router and a bf16 CPU delta read it
-        weights, experts = self.router.select(
-            self.projection(x).reshape(flat_x.shape[0], -1), x_scoring)
+        x_scoring, projection = self.routing_inputs(x)  # the router and a bf16 CPU delta
+        x_scoring = x_scoring.reshape(flat_x.shape)     # read x_scoring
+        weights, experts = self.router.select(projection.reshape(flat_x.shape[0], -1), x_scoring)
         n, k = experts.shape
         if CPU_SPARSE_MATMULS and flat_x.device.type == "cpu" and not (
                 torch.compiler.is_compiling()) and n * k > GATHER_MAX_PAIRS:
@@ -177,8 +180,8 @@ class RoutedLinear(nn.Module):
         H = torch.sparse_csr_tensor(rows, columns, hidden, shape, check_invariants=False)
         if flat_out.dtype == flat_x.dtype:
             flat_out.addmm_(H, B.reshape(shape[1], -1))
-        else:  # the fp32 delta, rounded once as it is added
-            flat_out.add_(H @ B.reshape(shape[1], -1))
+        else:  # accumulated in fp32, rounded once: torch's mixed-dtype add_ is 10x slower
+            flat_out.copy_(flat_out.to(flat_x.dtype).addmm_(H, B.reshape(shape[1], -1)))
         return out
 
 
@@ -217,25 +220,28 @@ class SharedProjection:
         self.sizes = [m.router.vectors.shape[0] for m in members]
         self._key: tuple[int, int] | None = None
         self._input: Tensor | None = None
+        self._x_scoring: Tensor | None = None
         self._parts: list[Tensor] = []
         self._served: set[int] = set()
         for i, m in enumerate(members):
             m.shared = (self, i)
 
-    def projection(self, index: int, x: Tensor) -> Tensor:
+    def inputs(self, index: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Member ``index``'s ``RoutedLinear.routing_inputs(x)``: x in the routing precision
+        and its projection on that member's vectors."""
         key = (id(x), x._version)
         if self._input is not x or self._key != key:
             x_scoring = scoring(x)
             if self.vectors.device != x.device or self.vectors.dtype != x_scoring.dtype:
                 self.vectors = self.vectors.to(x.device, x_scoring.dtype)
-            self._input, self._key = x, key
+            self._input, self._key, self._x_scoring = x, key, x_scoring
             self._parts = list((x_scoring @ self.vectors.T).split(self.sizes, dim=-1))
             self._served = set()
-        part = self._parts[index]
+        served = self._x_scoring, self._parts[index]
         self._served.add(index)
         if len(self._served) == len(self.sizes):  # every member served: let the input go
-            self._input, self._key, self._parts = None, None, []
-        return part
+            self._input, self._key, self._x_scoring, self._parts = None, None, None, []
+        return served
 
 
 # Module-name suffixes that read the same input in common architectures (Llama/Mistral/Qwen,
