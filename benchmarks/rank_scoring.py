@@ -2,6 +2,11 @@
 forward whose KV cache serves all choices (EvalConfig.share_prompt). Same scores, fewer tokens.
 
     python benchmarks/rank_scoring.py [--examples 16] [--task color/hsl ...]
+    python benchmarks/rank_scoring.py --library runs/bench-full/library --examples 8
+
+With --library, the model is routed with PHATGOOSE over that library, and the "before" column
+is also the dense reference path (every expert computed), as evaluations ran before issue 4;
+the "after" column is the default path (sparse above 8 experts) with shared prompts.
 
 Defaults: the full benchmark's 16 held-out tasks (siblings and BBH analogues) with its
 evaluation settings (prompts up to 256 tokens, choices up to 32, 16 prompts per forward).
@@ -13,7 +18,9 @@ import time
 
 from phatgoose.data import load_task
 from phatgoose.eval import EvalConfig, choice_nll
+from phatgoose.library import ExpertLibrary
 from phatgoose.models import load_base_model
+from phatgoose.routing import RoutedLinear, route
 
 HELD_OUT = [  # configs/bench-full.yaml's siblings and BBH analogues
     "goal_step_wikihow/step_inference", "unit_conversion/different_systems", "color/hsl",
@@ -28,8 +35,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--task", nargs="+", default=HELD_OUT)
     parser.add_argument("--examples", type=int, default=16)
+    parser.add_argument("--library", help="route with PHATGOOSE over this library (top-2)")
     args = parser.parse_args()
     base = load_base_model()
+    routed: list[RoutedLinear] = []
+    if args.library:
+        route(base.model, ExpertLibrary(args.library), method="phatgoose", top_k=2)
+        routed = [m for m in base.model.modules() if isinstance(m, RoutedLinear)]
+        default_path = routed[0].path
+        print(f"routed over {args.library}: {routed[0].num_experts} experts, "
+              f"{len(routed)} modules; before: dense path, after: {default_path} path")
     print("| task | choices/example | full forward (s) | shared prompt (s) | speed-up "
           "| max |diff| |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -38,6 +53,8 @@ def main() -> None:
         examples = load_task(name).split().test[: args.examples]
         timings, scores = {}, {}
         for shared in (False, True):
+            for module in routed:  # before issue 4: every expert computed
+                module.path = default_path if shared else "dense"
             start = time.perf_counter()
             config = EvalConfig(share_prompt=shared, max_input_tokens=256, max_target_tokens=32)
             scores[shared] = choice_nll(base, examples, config)
