@@ -120,8 +120,9 @@ class RoutedLinear(nn.Module):
     def sparse_forward(self, x: Tensor) -> Tensor:
         out = self.base(x).contiguous()  # added into in place, through a flat view
         flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1, self.d_out)
-        x_scoring, projection = self.routing_inputs(x)  # the router and a bf16 CPU delta
-        x_scoring = x_scoring.reshape(flat_x.shape)     # read x_scoring
+        # x in fp32 (or fp64): the router and a bf16 model's CPU delta read it
+        x_scoring, projection = self.routing_inputs(x)
+        x_scoring = x_scoring.reshape(flat_x.shape)
         weights, experts = self.router.select(projection.reshape(flat_x.shape[0], -1), x_scoring)
         n, k = experts.shape
         if CPU_SPARSE_MATMULS and flat_x.device.type == "cpu" and not (
