@@ -16,14 +16,17 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from phatgoose.eval.stats import average_ci
+from phatgoose.library import expert_name
 
 
 def predictions(work: Path, method: str) -> dict[str, list[dict]]:
-    """task -> the run's per-example predictions for ``method`` (empty if it has none)."""
-    path = work / f"predictions-{method.replace(':', '_').replace('/', '.')}.jsonl"
+    """task -> the run's per-example predictions for ``method`` (empty if it has none), from
+    the file the pipeline writes for it."""
+    path = work / f"predictions-{method.replace(':', '_')}.jsonl"
     if not path.exists():
         return {}
     by_task: dict[str, list[dict]] = {}
@@ -34,7 +37,7 @@ def predictions(work: Path, method: str) -> dict[str, list[dict]]:
 
 
 def own_experts(work: Path, tasks: list[str]) -> dict[str, list[dict]]:
-    return {t: predictions(work, f"expert:{t}").get(t, []) for t in tasks}
+    return {t: predictions(work, f"expert:{expert_name(t)}").get(t, []) for t in tasks}
 
 
 def compare(first: dict[str, list[dict]], second: dict[str, list[dict]],
@@ -52,7 +55,8 @@ def compare(first: dict[str, list[dict]], second: dict[str, list[dict]],
         same += sum(p["prediction"] == q["prediction"] for p, q in zip(first[t], second[t]))
         total += len(first[t])
     diff = average_ci([[y - x for x, y in zip(u, v)] for u, v in zip(a, b)])
-    return {"tasks": len(tasks), "first": average_ci(a)[0], "second": average_ci(b)[0],
+    return {"tasks": len(tasks), "first": float(np.mean([np.mean(v) for v in a])),
+            "second": float(np.mean([np.mean(v) for v in b])),
             "diff": diff, "same_prediction": same / total}
 
 

@@ -99,7 +99,8 @@ class RoutedLinear(nn.Module):
         """The router's weights (..., E), zero for experts it does not use."""
         if not isinstance(self.router, TopKRouter):
             return self.router(x)
-        return self.router.dense_weights(self.routing_inputs(x)[1], x)
+        x_scoring, projection = self.routing_inputs(x)
+        return self.router.dense_weights(projection, x_scoring)
 
     def dense_delta(self, x: Tensor) -> Tensor:
         weights = self.mixing_weights(x).to(x.dtype)  # (..., E)
