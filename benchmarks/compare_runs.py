@@ -7,7 +7,8 @@ For every method both workdirs evaluated (their predictions-<method>.jsonl) and 
 the config: the mean accuracy over the suite's tasks in each run, the paired difference (second
 minus first; 95% bootstrap interval resampling the same examples within each task), and how
 often the two runs predicted the same answer. "own experts" pairs each held-in task with its own
-expert's predictions (predictions-expert_<task>.jsonl).
+expert's predictions (predictions-expert_<task>.jsonl). With --steps, also the median seconds
+per training step of each expert both runs trained (from the time stamps of logs/expert-*.jsonl).
 """
 
 from __future__ import annotations
@@ -60,12 +61,24 @@ def compare(first: dict[str, list[dict]], second: dict[str, list[dict]],
             "diff": diff, "same_prediction": same / total}
 
 
+def step_seconds(work: Path, name: str) -> float | None:
+    """Median wall seconds between consecutive logged training steps of expert ``name``."""
+    path = work / "logs" / f"expert-{name}.jsonl"
+    if not path.exists():
+        return None
+    times = [json.loads(line)["time"] for line in path.read_text().splitlines()]
+    gaps = [b - a for a, b in zip(times, times[1:]) if b > a]  # a resumed run logs steps again
+    return float(np.median(gaps)) if gaps else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", help="the benchmark config both runs used (for its suites)")
     parser.add_argument("first", type=Path, help="workdir of the first run (e.g. fp32)")
     parser.add_argument("second", type=Path, help="workdir of the second run (e.g. bf16)")
     parser.add_argument("--methods", nargs="+", default=["base", "phatgoose"])
+    parser.add_argument("--steps", action="store_true",
+                        help="also compare the experts' median seconds per training step")
     args = parser.parse_args()
     suites = yaml.safe_load(Path(args.config).read_text())["suites"]
     print(f"| method | suite | tasks | {args.first.name} | {args.second.name} | "
@@ -83,6 +96,13 @@ def main() -> None:
         d = r["diff"]
         print(f"| {method} | {suite} | {r['tasks']} | {r['first']:.3f} | {r['second']:.3f} | "
               f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}] | {r['same_prediction']:.0%} |")
+    if args.steps:
+        print(f"\n| expert | {args.first.name} (s/step) | {args.second.name} | ratio |")
+        print("|---|---:|---:|---:|")
+        for task in yaml.safe_load(Path(args.config).read_text())["experts"]:
+            a, b = (step_seconds(w, expert_name(task)) for w in (args.first, args.second))
+            if a and b:
+                print(f"| {task} | {a:.2f} | {b:.2f} | {b / a:.2f} |")
 
 
 if __name__ == "__main__":
