@@ -2,7 +2,7 @@
 step (LoRA rank 8 on all 210 linear modules, AdamW on A and B) and of a gate step (the same
 expert frozen, AdamW on the 210 gate vectors only), in fp32 and in bf16 autocast.
 
-    python benchmarks/training_throughput.py [--batch 8] [--repeats 3] [--dtypes fp32 bf16]
+    python benchmarks/training_throughput.py [--batch 8] [--repeats 3] [--dtypes fp32 bf16 bf16-attention]
 
 A gate step should cost no more than an expert step: it needs no weight gradients for the
 frozen LoRA factors and no optimizer state for them (only the gates are parameters).
@@ -18,7 +18,7 @@ from peft import LoraConfig, get_peft_model
 
 from phatgoose.data.encode import collate, encode, token_nll
 from phatgoose.data.tasks import load_task
-from phatgoose.experts.loop import autocast
+from phatgoose.experts.loop import autocast, training_attention
 from phatgoose.library.expert import LoraWeights
 from phatgoose.models import linear_dims, load_base_model, resolve_target_modules
 from phatgoose.routing.attach import set_module, unroute
@@ -26,18 +26,22 @@ from phatgoose.routing.container import RoutedLinear
 from phatgoose.routing.routers import SigmoidGate
 
 
-def median_step_seconds(model, params, batch, bf16: bool, repeats: int) -> float:
+def median_step_seconds(model, hf_model, params, batch, dtype: str, repeats: int) -> float:
+    """Median seconds of an optimizer step; ``dtype``: fp32, bf16 (autocast, with attention in
+    fp32 as the training loop runs it), or bf16-attention (attention in bf16 as well)."""
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     times = []
-    for i in range(repeats + 1):  # the first step warms up (and allocates optimizer state)
-        start = time.perf_counter()
-        with autocast(bf16, torch.device("cpu")):
-            loss = token_nll(model, batch, False)[0].sum()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i:
-            times.append(time.perf_counter() - start)
+    cpu, bf16 = torch.device("cpu"), dtype != "fp32"
+    with training_attention(hf_model, dtype == "bf16", cpu):
+        for i in range(repeats + 1):  # the first step warms up (and allocates optimizer state)
+            start = time.perf_counter()
+            with autocast(bf16, cpu):
+                loss = token_nll(model, batch, False)[0].sum()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if i:
+                times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
 
@@ -47,7 +51,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"],
-                        choices=["fp32", "bf16"])
+                        choices=["fp32", "bf16", "bf16-attention"],
+                        help="bf16-attention: bf16 autocast with attention in bf16 too (the "
+                        "training loop runs it in fp32 since torch's bf16 backward is slow)")
     args = parser.parse_args()
     base = load_base_model()
     model = base.model
@@ -62,7 +68,7 @@ def main() -> None:
     expert_params = [p for p in peft.parameters() if p.requires_grad]
     for dtype in args.dtypes:
         rows.append(("expert", dtype, sum(p.numel() for p in expert_params),
-                     median_step_seconds(peft, expert_params, batch, dtype == "bf16",
+                     median_step_seconds(peft, model, expert_params, batch, dtype,
                                          args.repeats)))
     peft.unload()
 
@@ -78,7 +84,7 @@ def main() -> None:
     gate_params = [g.vectors for g in gates.values()]
     for dtype in args.dtypes:
         rows.append(("gate", dtype, sum(p.numel() for p in gate_params),
-                     median_step_seconds(model, gate_params, batch, dtype == "bf16",
+                     median_step_seconds(model, model, gate_params, batch, dtype,
                                          args.repeats)))
     unroute(model)
 

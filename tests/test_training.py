@@ -239,3 +239,39 @@ def test_length_windows_see_every_example_once_per_epoch_and_pad_less():
         assert seen == sorted(id(e) for e in data)  # each example exactly once per epoch
     assert padded(epoch(4)) < 0.8 * padded(epoch(1))
     assert epoch(4) == epoch(4)  # deterministic from the seed
+
+
+def test_attention_backpropagated_in_bf16_on_cpu_runs_in_fp32(llama):
+    """torch's bf16 flash-attention backward is slow on CPU: under bf16 autocast with gradients
+    on, ``sdpa_fp32_backward`` computes attention in fp32 and rounds its output once; without
+    gradients (evaluation) it is the plain bf16 call."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = llama.model.model.layers[0].self_attn
+    q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8)
+    v = torch.randn(2, 2, 5, 8)
+    exact = sdpa_attention_forward(module, q, k, v, None)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = sdpa_attention_forward(module, q, k, v, None)[0]
+        trained = loop.sdpa_fp32_backward(module, q, k, v, None)[0]
+        with torch.no_grad():
+            evaluated = loop.sdpa_fp32_backward(module, q, k, v, None)[0]
+    assert trained.dtype == plain.dtype == torch.bfloat16
+    assert torch.equal(trained, exact.bfloat16())  # fp32 attention, rounded once
+    assert not torch.equal(plain, trained)  # bf16 attention differs
+    assert torch.equal(evaluated, plain)
+    assert torch.equal(loop.sdpa_fp32_backward(module, q, k, v, None)[0], exact)  # fp32: as is
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_bf16_training_on_cpu_switches_attention_and_switches_it_back(llama, tmp_path, bf16):
+    seen = []
+    attention = llama.model.model.layers[0].self_attn
+    hook = attention.register_forward_hook(
+        lambda m, *_: seen.append((m.config._attn_implementation, torch.is_grad_enabled())))
+    train_expert(llama, "toy", toy_examples(8), toy_examples(4, seed=8), tmp_path / "e",
+                 ExpertConfig(steps=2, batch_size=4, eval_every=2, bf16=bf16))
+    hook.remove()
+    during = loop.FP32_BACKWARD_SDPA if bf16 else "sdpa"
+    assert set(seen) == {(during, True), (during, False)}  # training steps and validation
+    assert llama.model.config._attn_implementation == "sdpa"

@@ -17,6 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from phatgoose.data.encode import Encoded, collate, token_nll
 from phatgoose.errors import DataError, PhatgooseError, TrainingDivergedError
@@ -67,6 +70,48 @@ def autocast(enabled: bool, device: torch.device):
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+# torch's bf16 flash-attention backward on CPU is 2-4x slower than its fp32 one up to ~128
+# tokens (and no faster at 256), while its bf16 forward is the faster one
+# (benchmarks/attention_dtype.py): a CPU bf16 training step runs attention in fp32.
+FP32_BACKWARD_SDPA = "phatgoose_sdpa_fp32_backward"
+
+
+def sdpa_fp32_backward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                       value: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs):
+    """transformers' SDPA attention, computed in fp32 where it would run in bf16 or fp16 (under
+    autocast, or on such inputs) and be backpropagated through, on the CPU. The output has the
+    dtype the plain call would give."""
+    if query.device.type == "cpu" and torch.is_grad_enabled():
+        autocast_on = torch.is_autocast_enabled("cpu")
+        dtype = torch.get_autocast_dtype("cpu") if autocast_on else query.dtype
+        if dtype in (torch.bfloat16, torch.float16):
+            with torch.autocast("cpu", enabled=False):
+                out, weights = sdpa_attention_forward(
+                    module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
+            return out.to(dtype), weights
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(FP32_BACKWARD_SDPA, sdpa_fp32_backward)
+AttentionMaskInterface.register(FP32_BACKWARD_SDPA, sdpa_mask)
+
+
+@contextlib.contextmanager
+def training_attention(model: nn.Module, bf16: bool, device: torch.device):
+    """Within: a model using SDPA attention runs ``sdpa_fp32_backward`` when training in bf16
+    on the CPU (see ``FP32_BACKWARD_SDPA``); any other model or setting is left as it is."""
+    config = getattr(model, "config", None)
+    if not (bf16 and device.type == "cpu" and getattr(config, "_attn_implementation", None)
+            == "sdpa" and hasattr(model, "set_attn_implementation")):
+        yield
+        return
+    model.set_attn_implementation(FP32_BACKWARD_SDPA)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation("sdpa")
 
 
 def batches(
@@ -242,45 +287,46 @@ def train(
             next(stream)
     if logger and start:
         logger.drop_after(start)  # a resumed run logs the steps after its checkpoint again
-    model.train()
-    bar = tqdm(range(start + 1, config.steps + 1), desc=desc, unit="step", dynamic_ncols=True,
-               initial=start, total=config.steps)
-    step = start
-    for step in bar:
-        total = 0.0
-        for _ in range(config.grad_accum):
-            batch = {k: v.to(device) for k, v in collate(next(stream), pad_id, seq2seq).items()}
-            with autocast(config.bf16, device):
-                nll, mask = token_nll(model, batch, seq2seq)
-                loss = nll.sum() / mask.sum().clamp(min=1) / config.grad_accum
-            loss.backward()
-            total += loss.item()
-        if not math.isfinite(total):
-            diverged_at = step
-            break
-        grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), config.max_grad_norm).item()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if not all(p.isfinite().all() for p in params.values()):
-            diverged_at = step
-            break
-        snapshot = {k: p.detach().clone() for k, p in params.items()}
-        bar.set_postfix(loss=f"{total:.4f}")
-        if logger:
-            logger.log(step=step, loss=total, lr=schedule.get_last_lr()[0], grad_norm=grad_norm)
-        if val_data and (step % config.eval_every == 0 or step == config.steps):
-            model.eval()
-            val = validation_loss(model, val_data, pad_id, seq2seq, config)
-            model.train()
+    with training_attention(model, config.bf16, device):
+        model.train()
+        bar = tqdm(range(start + 1, config.steps + 1), desc=desc, unit="step", dynamic_ncols=True,
+                   initial=start, total=config.steps)
+        step = start
+        for step in bar:
+            total = 0.0
+            for _ in range(config.grad_accum):
+                batch = {k: v.to(device) for k, v in collate(next(stream), pad_id, seq2seq).items()}
+                with autocast(config.bf16, device):
+                    nll, mask = token_nll(model, batch, seq2seq)
+                    loss = nll.sum() / mask.sum().clamp(min=1) / config.grad_accum
+                loss.backward()
+                total += loss.item()
+            if not math.isfinite(total):
+                diverged_at = step
+                break
+            grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), config.max_grad_norm).item()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            if not all(p.isfinite().all() for p in params.values()):
+                diverged_at = step
+                break
+            snapshot = {k: p.detach().clone() for k, p in params.items()}
+            bar.set_postfix(loss=f"{total:.4f}")
             if logger:
-                logger.log(step=step, val_loss=val)
-            if best_loss is None or val < best_loss:
-                best, best_loss, best_step = snapshot, val, step
-        if checkpoint and step % checkpoint_every == 0 and step < config.steps:
-            _save_checkpoint(checkpoint, key, step, params, best, best_loss, best_step,
-                             optimizer, schedule, earlier_seconds + time.time() - started)
-    bar.close()
+                logger.log(step=step, loss=total, lr=schedule.get_last_lr()[0], grad_norm=grad_norm)
+            if val_data and (step % config.eval_every == 0 or step == config.steps):
+                model.eval()
+                val = validation_loss(model, val_data, pad_id, seq2seq, config)
+                model.train()
+                if logger:
+                    logger.log(step=step, val_loss=val)
+                if best_loss is None or val < best_loss:
+                    best, best_loss, best_step = snapshot, val, step
+            if checkpoint and step % checkpoint_every == 0 and step < config.steps:
+                _save_checkpoint(checkpoint, key, step, params, best, best_loss, best_step,
+                                 optimizer, schedule, earlier_seconds + time.time() - started)
+        bar.close()
     model.eval()
     if diverged_at is not None or not val_data:
         best, best_step, best_loss = snapshot, step - (diverged_at is not None), None

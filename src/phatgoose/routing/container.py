@@ -103,9 +103,12 @@ class RoutedLinear(nn.Module):
         return self.router.dense_weights(projection, x_scoring)
 
     def dense_delta(self, x: Tensor) -> Tensor:
+        """sum_e w_e (x A_e^T) B_e as two plain matmuls of one rank E r LoRA (the stacks seen
+        as (E r, d_in) and (E r, d_out)), each expert's r hidden units scaled by its weight."""
         weights = self.mixing_weights(x).to(x.dtype)  # (..., E)
-        hidden = torch.einsum("...d,erd->...er", x, self.lora_A) * weights.unsqueeze(-1)
-        return torch.einsum("...er,ero->...o", hidden, self.lora_B)
+        hidden = F.linear(x, self.lora_A.view(-1, self.lora_A.shape[-1]))  # (..., E r)
+        hidden = (hidden.unflatten(-1, (self.num_experts, self.rank)) * weights.unsqueeze(-1))
+        return hidden.flatten(-2) @ self.lora_B.view(-1, self.d_out)
 
     def routing_inputs(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``x`` in the routing precision (``scoring``) and the router's projection of it,
