@@ -2,7 +2,8 @@
 step (LoRA rank 8 on all 210 linear modules, AdamW on A and B) and of a gate step (the same
 expert frozen, AdamW on the 210 gate vectors only), in fp32 and in bf16 autocast.
 
-    python benchmarks/training_throughput.py [--batch 8] [--repeats 3] [--dtypes fp32 bf16 bf16-attention]
+    python benchmarks/training_throughput.py [--batch 8] [--repeats 3]
+        [--dtypes fp32 bf16 bf16-attention]
 
 A gate step should cost no more than an expert step: it needs no weight gradients for the
 frozen LoRA factors and no optimizer state for them (only the gates are parameters).
