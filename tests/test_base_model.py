@@ -6,8 +6,15 @@ import pytest
 import torch
 from conftest import tiny_llama
 
+import phatgoose.models.base as models_base
 from phatgoose.errors import ModelError
-from phatgoose.models.base import device_name, load_base_model, resolve_device
+from phatgoose.models.base import (
+    bf16_is_faster,
+    device_name,
+    load_base_model,
+    resolve_bf16,
+    resolve_device,
+)
 
 
 def test_auto_picks_the_gpu_only_when_torch_sees_one(monkeypatch):
@@ -51,3 +58,18 @@ def test_device_name_names_the_processor(monkeypatch):
     assert device_name(torch.device("cpu")) == f"cpu ({model})"
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "NVIDIA H100 80GB HBM3")
     assert device_name(torch.device("cuda", 0)) == "cuda (NVIDIA H100 80GB HBM3)"
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_bf16_is_the_default_where_it_is_faster(monkeypatch, amx):
+    """Unset, bf16 autocast runs on CPUs with AMX tiles and on GPUs with bf16; elsewhere fp32.
+    (``bf16_is_faster`` here is the real one: conftest pins the tests' default to fp32.)"""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert bf16_is_faster(cpu) is amx
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: amx)
+    assert bf16_is_faster(torch.device("cuda")) is amx
+    assert bf16_is_faster(torch.device("meta")) is False
+    monkeypatch.setattr(models_base, "bf16_is_faster", bf16_is_faster)
+    assert resolve_bf16(None, cpu) is amx
+    assert resolve_bf16(True, cpu) is True and resolve_bf16(False, cpu) is False

@@ -152,7 +152,7 @@ def test_unknown_config_keys_are_refused(tmp_path, capsys):
     assert build_parser().parse_args(["eval", "--task", "t"]).top_k == 2
 
 
-def test_bench_bf16_turns_autocast_on_in_every_stage(tmp_path, monkeypatch, capsys):
+def test_bench_bf16_flags_set_autocast_in_every_stage(tmp_path, monkeypatch, capsys):
     from phatgoose import pipeline
     from phatgoose.eval import report
 
@@ -169,6 +169,14 @@ def test_bench_bf16_turns_autocast_on_in_every_stage(tmp_path, monkeypatch, caps
     assert commands == [f"phatgoose bench {config} --bf16 --workdir {tmp_path / 'bf16'}"]
     assert main(["bench", str(config)]) == 0  # without the flag, the config decides
     assert not (seen[1].expert.bf16 or seen[1].gate.bf16 or seen[1].eval.bf16)
+    # a stage the config leaves unset runs bf16 where it is faster, fixed before any cache key
+    monkeypatch.setattr("phatgoose.models.base.bf16_is_faster", lambda device: True)
+    assert main(["bench", str(config)]) == 0
+    assert seen[2].expert.bf16 is True and seen[2].eval.bf16 is True
+    assert seen[2].gate.bf16 is False  # the config's own setting wins
+    assert main(["bench", str(config), "--no-bf16"]) == 0  # and the command line's over both
+    assert not (seen[3].expert.bf16 or seen[3].gate.bf16 or seen[3].eval.bf16)
+    assert commands[-1] == f"phatgoose bench {config} --no-bf16"
 
 
 def test_bench_methods_replace_the_configs_methods_and_k_ablation(tmp_path, monkeypatch):

@@ -263,15 +263,23 @@ def test_attention_backpropagated_in_bf16_on_cpu_runs_in_fp32(llama):
     assert torch.equal(loop.sdpa_fp32_backward(module, q, k, v, None)[0], exact)  # fp32: as is
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_bf16_training_on_cpu_switches_attention_and_switches_it_back(llama, tmp_path, bf16):
+@pytest.mark.parametrize("bf16, faster", [(False, True), (True, False), (None, True),
+                                          (None, False)])
+def test_bf16_training_on_cpu_switches_attention_and_switches_it_back(
+        llama, tmp_path, monkeypatch, bf16, faster):
+    """bf16 None: bf16 where it is faster (here: as patched). The metadata says what ran."""
+    monkeypatch.setattr("phatgoose.models.base.bf16_is_faster", lambda device: faster)
     seen = []
     attention = llama.model.model.layers[0].self_attn
     hook = attention.register_forward_hook(
-        lambda m, *_: seen.append((m.config._attn_implementation, torch.is_grad_enabled())))
-    train_expert(llama, "toy", toy_examples(8), toy_examples(4, seed=8), tmp_path / "e",
-                 ExpertConfig(steps=2, batch_size=4, eval_every=2, bf16=bf16))
+        lambda m, *_: seen.append((m.config._attn_implementation, torch.is_grad_enabled(),
+                                   torch.is_autocast_enabled("cpu"))))
+    out = train_expert(llama, "toy", toy_examples(8), toy_examples(4, seed=8), tmp_path / "e",
+                       ExpertConfig(steps=2, batch_size=4, eval_every=2, bf16=bf16))
     hook.remove()
-    during = loop.FP32_BACKWARD_SDPA if bf16 else "sdpa"
-    assert set(seen) == {(during, True), (during, False)}  # training steps and validation
+    ran_bf16 = faster if bf16 is None else bf16
+    during = loop.FP32_BACKWARD_SDPA if ran_bf16 else "sdpa"
+    # training steps and validation, under autocast exactly when bf16 ran
+    assert set(seen) == {(during, True, ran_bf16), (during, False, ran_bf16)}
     assert llama.model.config._attn_implementation == "sdpa"
+    assert load_metadata(out)["config"]["bf16"] is ran_bf16

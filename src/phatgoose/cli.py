@@ -41,8 +41,9 @@ def add_dataclass_args(
         flag = "--" + dest.replace("_", "-")
         kind = _field_type(f.type)
         if kind is bool:
+            shown = "where it is faster" if f.name == "bf16" and default is None else default
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
-                               default=default, help=f"(default: {default})")
+                               default=default, help=f"(default: {shown})")
         elif f.name == "targets":
             group.add_argument(flag, dest=dest, nargs="+", default=default,
                                help="'all-linear' or module-name suffixes (default: all-linear)")
@@ -201,9 +202,9 @@ def _pipeline_config(args):
         data["workdir"] = args.workdir
     if args.methods:  # only these methods: the config's k ablation rows go too
         data["methods"], data["top_k_ablation"] = args.methods, []
-    if args.bf16:  # every stage that runs the model: experts, gates, multitask, evaluation
-        for section in ("expert", "gate", "eval"):
-            data[section] = {**(data.get(section) or {}), "bf16": True}
+    if args.bf16 is not None:  # every stage that runs the model: experts, gates, multitask,
+        for section in ("expert", "gate", "eval"):  # evaluation
+            data[section] = {**(data.get(section) or {}), "bf16": args.bf16}
     return PipelineConfig.from_dict(data)
 
 
@@ -221,7 +222,8 @@ def cmd_bench(args) -> None:
 
     config = _pipeline_config(args)
     result = run_pipeline(config)
-    command = (f"phatgoose bench {args.config_file}" + (" --bf16" if args.bf16 else "")
+    bf16 = {None: "", True: " --bf16", False: " --no-bf16"}[args.bf16]
+    command = (f"phatgoose bench {args.config_file}{bf16}"
                + (f" --workdir {args.workdir}" if args.workdir else "")
                + (f" --methods {' '.join(args.methods)}" if args.methods else ""))
     path = write_report(config.workdir, result, f"Results of {args.config_file}", command)
@@ -229,9 +231,11 @@ def cmd_bench(args) -> None:
     print(f"report: {path}")
 
 
-BF16_HELP = ("bf16 autocast in every stage (experts, gates, multitask, evaluation), whatever "
-             "the config says; faster on AMX CPUs and GPUs, far slower on other CPUs. Cached "
-             "items are keyed by it: use another --workdir to keep both runs")
+BF16_HELP = ("bf16 autocast (--bf16) or fp32 (--no-bf16) in every stage (experts, gates, "
+             "multitask, evaluation), whatever the config says. Unset, a stage the config leaves "
+             "unset runs bf16 where it is faster (GPUs, CPUs with AMX), fp32 elsewhere (other "
+             "CPUs emulate bf16 several times slower). Cached items are keyed by it: use another "
+             "--workdir to keep both runs")
 METHODS_HELP = ("run only these methods (e.g. base phatgoose), instead of the config's list and "
                 "its top_k_ablation rows; the cached stages they need are shared")
 
@@ -368,14 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
                 cmd_pipeline)
     p.add_argument("config_file", help="pipeline YAML, e.g. configs/demo.yaml")
     p.add_argument("--workdir", help="override the config's workdir")
-    p.add_argument("--bf16", action="store_true", help=BF16_HELP)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help=BF16_HELP)
     p.add_argument("--methods", nargs="+", metavar="METHOD", help=METHODS_HELP)
 
     p = command("bench", "run a pipeline config and write report.md (bootstrap intervals, "
                 "paired differences, timings) and results.csv into its workdir", cmd_bench)
     p.add_argument("config_file", help="pipeline YAML")
     p.add_argument("--workdir", help="override the config's workdir")
-    p.add_argument("--bf16", action="store_true", help=BF16_HELP)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help=BF16_HELP)
     p.add_argument("--methods", nargs="+", metavar="METHOD", help=METHODS_HELP)
     return parser
 

@@ -37,7 +37,7 @@ from phatgoose.eval.stats import paired_bootstrap
 from phatgoose.experts.train import ExpertConfig, GateConfig, train_expert, train_gate
 from phatgoose.library.expert import EXPERT_META, GATES, read_json, write_json
 from phatgoose.library.library import MANIFEST, ExpertLibrary, default_expert_name, expert_name
-from phatgoose.models import EMBEDDED_MODEL, BaseModel, load_base_model
+from phatgoose.models import EMBEDDED_MODEL, BaseModel, load_base_model, resolve_bf16
 from phatgoose.models.base import resolve_device
 from phatgoose.routing.attach import AVERAGE_ACTIVATION, route, unroute
 from phatgoose.routing.retrieval import (
@@ -125,7 +125,10 @@ class PipelineConfig:
                                          f"known: {sorted(sub_known)}")
                 kwargs[key] = kind(**(kwargs[key] or {}))
         config = cls(**kwargs)
-        resolve_device(config.device)  # a device this machine lacks fails here, not mid-run
+        device = resolve_device(config.device)  # a device this machine lacks fails here
+        for section in (config.expert, config.gate, config.eval):
+            # bf16 unset: the faster mode of this device, fixed before anything is cached
+            section.bf16 = resolve_bf16(section.bf16, device)
         expert_keys = {f.name for f in fields(ExpertConfig)} - {"targets"}  # one module set
         for task, changes in config.expert_overrides.items():
             if task not in config.experts:

@@ -31,6 +31,7 @@ from phatgoose.library.expert import (
     write_safetensors,
 )
 from phatgoose.logging import MetricLogger
+from phatgoose.models import resolve_bf16
 
 
 @dataclass
@@ -47,7 +48,8 @@ class TrainConfig:
     eval_every: int = 100  # validate every N steps (and at the end) and keep the best
     max_input_tokens: int = 512
     max_target_tokens: int = 512
-    bf16: bool = False  # bf16 autocast (CPU with AMX, or CUDA)
+    bf16: bool | None = None  # bf16 autocast; None: where it is faster (CUDA, CPUs with AMX;
+    # see models.bf16_is_faster), else fp32
     length_window: int = 32  # batches drawn per window whose examples are sorted by length
     # before cutting, so a batch pads little (1: plain shuffled batches)
     seed: int = 42
@@ -66,8 +68,9 @@ class TrainResult:
     resumed_from: int = 0  # the checkpoint's step, when an interrupted training was resumed
 
 
-def autocast(enabled: bool, device: torch.device):
-    if not enabled:
+def autocast(bf16: bool | None, device: torch.device):
+    """bf16 autocast on ``device`` if ``bf16`` says so (None: where it is faster)."""
+    if not resolve_bf16(bf16, device):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
@@ -287,7 +290,8 @@ def train(
             next(stream)
     if logger and start:
         logger.drop_after(start)  # a resumed run logs the steps after its checkpoint again
-    with training_attention(model, config.bf16, device):
+    bf16 = resolve_bf16(config.bf16, device)
+    with training_attention(model, bf16, device):
         model.train()
         bar = tqdm(range(start + 1, config.steps + 1), desc=desc, unit="step", dynamic_ncols=True,
                    initial=start, total=config.steps)
@@ -296,7 +300,7 @@ def train(
             total = 0.0
             for _ in range(config.grad_accum):
                 batch = {k: v.to(device) for k, v in collate(next(stream), pad_id, seq2seq).items()}
-                with autocast(config.bf16, device):
+                with autocast(bf16, device):
                     nll, mask = token_nll(model, batch, seq2seq)
                     loss = nll.sum() / mask.sum().clamp(min=1) / config.grad_accum
                 loss.backward()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from phatgoose.library.expert import (
     write_safetensors,
 )
 from phatgoose.logging import MetricLogger
-from phatgoose.models import BaseModel, resolve_target_modules
+from phatgoose.models import BaseModel, resolve_bf16, resolve_target_modules
 from phatgoose.routing.attach import check_fit, set_module, unroute
 from phatgoose.routing.container import RoutedLinear
 from phatgoose.routing.routers import SigmoidGate
@@ -83,8 +83,10 @@ def train_expert(
     ``checkpoint_every`` steps: an interrupted call, repeated with the same settings and data,
     resumes from it."""
     config = config or ExpertConfig()
-    out = Path(out)
     model = base.model
+    # the autocast setting made definite, so that the metadata and checkpoint say what ran
+    config = replace(config, bf16=resolve_bf16(config.bf16, model.device))
+    out = Path(out)
     targets = resolve_target_modules(model, config.targets)
     lora_config = LoraConfig(
         r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, target_modules=targets,
@@ -158,6 +160,7 @@ def train_gate(
     ``gates.safetensors`` beside the adapter and the gate metrics into ``expert.json``.
     Checkpointed and resumable like ``train_expert``."""
     config = config or GateConfig()
+    config = replace(config, bf16=resolve_bf16(config.bf16, base.model.device))  # as above
     expert_dir = Path(expert_dir)
     metadata = load_metadata(expert_dir)
     if metadata.get("base_fingerprint") != base.fingerprint:

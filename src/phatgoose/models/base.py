@@ -104,6 +104,25 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({model})" if model else "cpu"
 
 
+def bf16_is_faster(device: torch.device) -> bool:
+    """Whether bf16 autocast beats fp32 on ``device``, as measured for this project: CUDA GPUs
+    that support bf16, and CPUs with AMX tiles (an expert's training step 1.5x faster, a routed
+    prefill 2.3x; docs/PERFORMANCE.md). Other CPUs emulate bf16 matmuls and run them several
+    times slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        return bool(amx and amx())
+    return False
+
+
+def resolve_bf16(bf16: bool | None, device: torch.device) -> bool:
+    """A ``bf16`` setting made definite: ``None`` (the default) means bf16 autocast where it is
+    the faster mode (``bf16_is_faster``), fp32 elsewhere."""
+    return bf16_is_faster(device) if bf16 is None else bf16
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto``: the GPU when torch sees one, else the CPU; anything else as torch spells it."""
     if device == "auto":
