@@ -27,13 +27,15 @@ from phatgoose.routing.container import RoutedLinear
 from phatgoose.routing.routers import SigmoidGate
 
 
-def median_step_seconds(model, hf_model, params, batch, dtype: str, repeats: int) -> float:
+def median_step_seconds(model, params, batch, dtype: str, repeats: int) -> float:
     """Median seconds of an optimizer step; ``dtype``: fp32, bf16 (autocast, with attention in
-    fp32 as the training loop runs it), or bf16-attention (attention in bf16 as well)."""
+    fp32 as the training loop runs it), or bf16-attention (attention in bf16 as well).
+    ``model`` is the transformers model (with LoRA layers injected, for an expert), as the
+    training loop gets it: its forward takes ``logits_to_keep`` (a PeftModel's does not)."""
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     times = []
     cpu, bf16 = torch.device("cpu"), dtype != "fp32"
-    with training_attention(hf_model, dtype == "bf16", cpu):
+    with training_attention(model, dtype == "bf16", cpu):
         for i in range(repeats + 1):  # the first step warms up (and allocates optimizer state)
             start = time.perf_counter()
             with autocast(bf16, cpu):
@@ -69,7 +71,7 @@ def main() -> None:
     expert_params = [p for p in peft.parameters() if p.requires_grad]
     for dtype in args.dtypes:
         rows.append(("expert", dtype, sum(p.numel() for p in expert_params),
-                     median_step_seconds(peft, model, expert_params, batch, dtype,
+                     median_step_seconds(model, expert_params, batch, dtype,
                                          args.repeats)))
     peft.unload()
 
@@ -85,7 +87,7 @@ def main() -> None:
     gate_params = [g.vectors for g in gates.values()]
     for dtype in args.dtypes:
         rows.append(("gate", dtype, sum(p.numel() for p in gate_params),
-                     median_step_seconds(model, model, gate_params, batch, dtype,
+                     median_step_seconds(model, gate_params, batch, dtype,
                                          args.repeats)))
     unroute(model)
 
