@@ -261,6 +261,11 @@ def test_attention_backpropagated_in_bf16_on_cpu_runs_in_fp32(llama):
     assert not torch.equal(plain, trained)  # bf16 attention differs
     assert torch.equal(evaluated, plain)
     assert torch.equal(loop.sdpa_fp32_backward(module, q, k, v, None)[0], exact)  # fp32: as is
+    # a float mask made under autocast (T5 adds its position bias to it) is upcast as well
+    bias = torch.randn(2, 1, 5, 5).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        biased = loop.sdpa_fp32_backward(module, q, k, v, bias)[0]
+    assert torch.equal(biased, sdpa_attention_forward(module, q, k, v, bias.float())[0].bfloat16())
 
 
 @pytest.mark.parametrize("bf16, faster", [(False, True), (True, False), (None, True),
@@ -283,3 +288,12 @@ def test_bf16_training_on_cpu_switches_attention_and_switches_it_back(
     assert set(seen) == {(during, True, ran_bf16), (during, False, ran_bf16)}
     assert llama.model.config._attn_implementation == "sdpa"
     assert load_metadata(out)["config"]["bf16"] is ran_bf16
+
+
+def test_bf16_training_runs_on_causal_and_seq2seq_models(base, tmp_path):
+    """T5 passes attention a float mask holding its position bias: upcast with the rest."""
+    out = train_expert(base, "toy", toy_examples(8), toy_examples(4, seed=8), tmp_path / "e",
+                       ExpertConfig(steps=2, batch_size=4, eval_every=2, bf16=True))
+    meta = load_metadata(out)
+    assert meta["config"]["bf16"] is True and meta["metrics"]["best_val_loss"] < 100
+    assert base.model.config._attn_implementation == "sdpa"

@@ -90,9 +90,12 @@ def sdpa_fp32_backward(module: nn.Module, query: torch.Tensor, key: torch.Tensor
         autocast_on = torch.is_autocast_enabled("cpu")
         dtype = torch.get_autocast_dtype("cpu") if autocast_on else query.dtype
         if dtype in (torch.bfloat16, torch.float16):
+            def fp32(t):  # float masks and T5's position bias too
+                return t.float() if torch.is_tensor(t) and t.is_floating_point() else t
             with torch.autocast("cpu", enabled=False):
                 out, weights = sdpa_attention_forward(
-                    module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
+                    module, fp32(query), fp32(key), fp32(value), fp32(attention_mask),
+                    **{name: fp32(v) for name, v in kwargs.items()})
             return out.to(dtype), weights
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
