@@ -77,3 +77,18 @@ def test_fixed_weights_broadcast_per_token():
     router = FixedWeights(torch.tensor([0.25, 0.75]))
     assert router(torch.randn(2, 3, 5)).shape == (2, 3, 2)
     torch.testing.assert_close(router(torch.randn(4, 5))[2], torch.tensor([0.25, 0.75]))
+
+
+def test_routing_scores_and_gates_stay_fp32_under_bf16_autocast():
+    """autocast would run the router's matmul in bf16 (it did, in the pipeline's bf16 stages)."""
+    torch.manual_seed(0)
+    x, vectors = torch.randn(64, 32), torch.randn(16, 32)
+    router, gate = PhatgooseRouter(vectors), SigmoidGate(32, experts=16)
+    with torch.no_grad():
+        gate.vectors.copy_(vectors)
+    exact = router.scores(x), gate(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = router.scores(x), gate(x)
+        assert (x @ vectors.T).dtype == torch.bfloat16  # what autocast does to a plain matmul
+    for reference, got in zip(exact, under_autocast):
+        assert got.dtype == torch.float32 and torch.equal(got, reference)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from phatgoose.library.expert import LoraWeights, stack_experts
 from phatgoose.models import linear_dims
-from phatgoose.routing.routers import TopKRouter, scoring
+from phatgoose.routing.routers import TopKRouter, scoring, scoring_matmul
 
 # Below this many (token, expert) pairs the sparse path gathers the chosen experts' factors
 # (decoding); above it, it runs sparse matmuls on CPU (in fp32 or fp64), else pairs are sorted
@@ -240,7 +240,7 @@ class SharedProjection:
             if self.vectors.device != x.device or self.vectors.dtype != x_scoring.dtype:
                 self.vectors = self.vectors.to(x.device, x_scoring.dtype)
             self._input, self._key, self._x_scoring = x, key, x_scoring
-            self._parts = list((x_scoring @ self.vectors.T).split(self.sizes, dim=-1))
+            self._parts = list(scoring_matmul(x_scoring, self.vectors).split(self.sizes, dim=-1))
             self._served = set()
         served = self._x_scoring, self._parts[index]
         self._served.add(index)

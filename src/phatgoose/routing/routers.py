@@ -19,6 +19,16 @@ def scoring(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
+def scoring_matmul(x: Tensor, vectors: Tensor) -> Tensor:
+    """x @ vectors^T in the scoring precision (``scoring``), under autocast too: autocast would
+    run it in bf16, which flips near-tied expert choices."""
+    x = scoring(x)
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return x @ vectors.to(x.dtype).T
+    return x @ vectors.to(x.dtype).T
+
+
 def standardise(t: Tensor, eps: float = 1e-5) -> Tensor:
     """Subtract the mean and divide by the standard deviation over the last dimension
     (a LayerNorm without learned scale or shift)."""
@@ -47,8 +57,7 @@ class TopKRouter(nn.Module):
 
     def project(self, x: Tensor) -> Tensor:
         """x . v_i for every expert: (..., E), in fp32 (or fp64, see ``scoring``)."""
-        x = scoring(x)
-        return x @ self.vectors.to(x.dtype).T
+        return scoring_matmul(x, self.vectors)
 
     def select(self, projection: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         """(weights, expert indices), each (..., k), from ``project(x)``."""
@@ -103,7 +112,7 @@ class SigmoidGate(nn.Module):
         self.vectors = nn.Parameter(torch.zeros(experts, d_in))
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.sigmoid(x.float() @ self.vectors.float().T)
+        return torch.sigmoid(scoring_matmul(x, self.vectors))
 
 
 class FixedWeights(nn.Module):
