@@ -169,11 +169,13 @@ def test_bench_bf16_flags_set_autocast_in_every_stage(tmp_path, monkeypatch, cap
     assert commands == [f"phatgoose bench {config} --bf16 --workdir {tmp_path / 'bf16'}"]
     assert main(["bench", str(config)]) == 0  # without the flag, the config decides
     assert not (seen[1].expert.bf16 or seen[1].gate.bf16 or seen[1].eval.bf16)
-    # a stage the config leaves unset runs bf16 where it is faster, fixed before any cache key
+    # unset: training in fp32, evaluation in bf16 where it is faster; a null bf16 where it is
+    # faster too, made definite before any cache key
+    config.write_text(yaml.safe_dump({"experts": ["a"], "workdir": str(tmp_path / "run"),
+                                      "gate": {"steps": 3, "bf16": None}}))
     monkeypatch.setattr("phatgoose.models.base.bf16_is_faster", lambda device: True)
     assert main(["bench", str(config)]) == 0
-    assert seen[2].expert.bf16 is True and seen[2].eval.bf16 is True
-    assert seen[2].gate.bf16 is False  # the config's own setting wins
+    assert (seen[2].expert.bf16, seen[2].gate.bf16, seen[2].eval.bf16) == (False, True, True)
     assert main(["bench", str(config), "--no-bf16"]) == 0  # and the command line's over both
     assert not (seen[3].expert.bf16 or seen[3].gate.bf16 or seen[3].eval.bf16)
     assert commands[-1] == f"phatgoose bench {config} --no-bf16"
