@@ -9,6 +9,8 @@ minus first; 95% bootstrap interval resampling the same examples within each tas
 often the two runs predicted the same answer. "own experts" pairs each held-in task with its own
 expert's predictions (predictions-expert_<task>.jsonl). With --steps, also the median seconds
 per training step of each expert both runs trained (from the time stamps of logs/expert-*.jsonl).
+Those time whatever else the machine ran meanwhile: for a speed comparison, prefer
+expert_step_times.py, which times both modes side by side.
 """
 
 from __future__ import annotations
