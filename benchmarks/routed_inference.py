@@ -46,7 +46,9 @@ SMOLLM2_135M = dict(  # SmolLM2-135M-Instruct's config
     eos_token_id=2, pad_token_id=2,
 )
 RANK, TOP_K, BATCH, SEQ, NEW_TOKENS = 8, 2, 8, 256, 64
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# model weights' dtype; "bf16-autocast": fp32 weights run under bf16 autocast, as phatgoose's
+# evaluation does by default on CPUs with AMX and on GPUs
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-autocast": torch.float32}
 
 
 def peak_rss_gib() -> float:
@@ -651,7 +653,9 @@ def main() -> None:
                      ("stack_one", stack_library),
                      ("memory_one", memory)):
         if getattr(args, flag) is not None:
-            print(json.dumps(fn(getattr(args, flag), args)))
+            with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16,
+                                enabled=args.dtype == "bf16-autocast"):
+                print(json.dumps(fn(getattr(args, flag), args)))
             return
     results = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
                "routed": [], "peft": [], "load": [], "compiled_prefill": [],
