@@ -232,10 +232,10 @@ def cmd_bench(args) -> None:
 
 
 BF16_HELP = ("bf16 autocast (--bf16) or fp32 (--no-bf16) in every stage (experts, gates, "
-             "multitask, evaluation), whatever the config says. Unset, a stage the config leaves "
-             "unset runs bf16 where it is faster (GPUs, CPUs with AMX), fp32 elsewhere (other "
-             "CPUs emulate bf16 several times slower). Cached items are keyed by it: use another "
-             "--workdir to keep both runs")
+             "multitask, evaluation), whatever the config says. Unset, the config decides; "
+             "where it says nothing, training runs fp32 and evaluation bf16 where that is faster "
+             "(GPUs, CPUs with AMX; other CPUs emulate bf16 several times slower). Cached items "
+             "are keyed by it: use another --workdir to keep both runs")
 METHODS_HELP = ("run only these methods (e.g. base phatgoose), instead of the config's list and "
                 "its top_k_ablation rows; the cached stages they need are shared")
 
