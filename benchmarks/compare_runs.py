@@ -63,13 +63,16 @@ def compare(first: dict[str, list[dict]], second: dict[str, list[dict]],
             "diff": diff, "same_prediction": same / total}
 
 
+def step_gaps(log: Path) -> list[float]:
+    """Wall seconds between consecutive logged steps of a training log (JSONL)."""
+    times = [json.loads(line)["time"] for line in log.read_text().splitlines()]
+    return [b - a for a, b in zip(times, times[1:]) if b > a]  # a resumed run logs steps again
+
+
 def step_seconds(work: Path, name: str) -> float | None:
     """Median wall seconds between consecutive logged training steps of expert ``name``."""
     path = work / "logs" / f"expert-{name}.jsonl"
-    if not path.exists():
-        return None
-    times = [json.loads(line)["time"] for line in path.read_text().splitlines()]
-    gaps = [b - a for a, b in zip(times, times[1:]) if b > a]  # a resumed run logs steps again
+    gaps = step_gaps(path) if path.exists() else []
     return float(np.median(gaps)) if gaps else None
 
 

@@ -16,23 +16,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import statistics
 import tempfile
 from pathlib import Path
 
 import yaml
+from compare_runs import step_gaps
 
 import phatgoose.experts.loop as loop
 from phatgoose.data.tasks import load_task
 from phatgoose.experts import train_expert
 from phatgoose.models import load_base_model
 from phatgoose.pipeline import PipelineConfig
-
-
-def step_gaps(log: Path) -> list[float]:
-    times = [json.loads(line)["time"] for line in log.read_text().splitlines()]
-    return [b - a for a, b in zip(times, times[1:])]
 
 
 def main() -> None:
