@@ -2,6 +2,7 @@
 SmolLM2-135M (random weights) routed among E synthetic experts on the sparse path, eager.
 
     python benchmarks/profile_routed.py --device cuda --dtype bf16 --experts 64
+    python benchmarks/profile_routed.py --dtype bf16-autocast --experts 64  # fp32 weights
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ def main() -> None:
     set_path(model, "sparse")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda"
                                            else [])
-    with torch.no_grad():
+    autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16,
+                              enabled=args.dtype == "bf16-autocast")
+    with torch.no_grad(), autocast:
         for _ in range(3):
             model(ids, use_cache=False)
         with profile(activities=activities) as prof:

@@ -1,0 +1,120 @@
+"""Where the routed prefill's extra time goes: one 8 x 256-token prefill of SmolLM2-135M (random
+weights) routed among E synthetic experts on the sparse path, with parts of every routed
+module's forward switched off in turn, timed side by side in one process.
+
+    python benchmarks/routed_overhead.py --dtype bf16-autocast --experts 64 256
+
+Stages, each timed as a whole forward (median of --repeats rounds that run every stage in
+turn, after a warm-up round):
+- base: every routed module runs only its base layer;
+- + projection: and the router's matmul (shared by sibling modules), input cast to fp32;
+- + selection: and the PHATGOOSE scores' scale, top-k and softmax (the routing, no delta);
+- full: the routed forward as shipped (routing and the experts' delta);
+- delta only: the delta of fixed random choices, without routing (what the delta costs).
+Unlike torch.profiler (``profile_routed.py``), which on this CPU inflated some copies and
+LayerNorms several times over, these are wall times of the real forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from routed_inference import (
+    BATCH,
+    DTYPES,
+    SEQ,
+    TOP_K,
+    base_model,
+    route_synthetic,
+    set_path,
+    synthetic_experts,
+)
+
+from phatgoose.routing.container import SPARSE_DTYPES, RoutedLinear
+
+SHIPPED = RoutedLinear.sparse_forward
+
+
+def base_only(self: RoutedLinear, x: torch.Tensor) -> torch.Tensor:
+    return self.base(x)
+
+
+def with_projection(self: RoutedLinear, x: torch.Tensor) -> torch.Tensor:
+    out = self.base(x)
+    self.routing_inputs(x)
+    return out
+
+
+def with_selection(self: RoutedLinear, x: torch.Tensor) -> torch.Tensor:
+    out = self.base(x)
+    x_scoring, projection = self.routing_inputs(x)
+    self.router.select(projection.reshape(-1, projection.shape[-1]),
+                       x_scoring.reshape(-1, x.shape[-1]))
+    return out
+
+
+_FIXED: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def delta_only(self: RoutedLinear, x: torch.Tensor) -> torch.Tensor:
+    """The shipped delta (``_add_sparse_delta``) for fixed random choices of top-k experts."""
+    out = self.base(x).contiguous()
+    flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1, self.d_out)
+    key = (flat_x.shape[0], self.num_experts)
+    if key not in _FIXED:
+        generator = torch.Generator().manual_seed(0)
+        scores = torch.rand(*key, generator=generator)
+        _FIXED[key] = tuple(scores.topk(TOP_K, dim=-1))  # (weights, experts): distinct experts
+    weights, experts = _FIXED[key]
+    weights = weights.softmax(-1)
+    x_delta = flat_x if flat_x.dtype in SPARSE_DTYPES else flat_x.float()
+    return self._add_sparse_delta(x_delta, out, flat_out, weights, experts)
+
+
+STAGES = {"base": base_only, "+ projection": with_projection, "+ selection": with_selection,
+          "full": SHIPPED, "delta only": delta_only}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experts", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16-autocast")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", help="also write the seconds as JSON here")
+    args = parser.parse_args()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16-autocast")
+    ids = torch.randint(3, 40000, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    results = {}
+    print(f"| E | {' | '.join(STAGES)} |\n|---:|{'---:|' * len(STAGES)}")
+    for experts in args.experts:
+        model = base_model("cpu", DTYPES[args.dtype])
+        route_synthetic(model, synthetic_experts(model, experts), "phatgoose")
+        set_path(model, "sparse")
+        times: dict[str, list[float]] = {stage: [] for stage in STAGES}
+        with torch.no_grad(), autocast:
+            for round_ in range(args.repeats + 1):  # round 0 warms every stage up
+                for stage, forward in STAGES.items():  # interleaved: drift hits every stage
+                    RoutedLinear.sparse_forward = forward
+                    try:
+                        start = time.perf_counter()
+                        model(ids, use_cache=False)
+                        if round_:
+                            times[stage].append(time.perf_counter() - start)
+                    finally:
+                        RoutedLinear.sparse_forward = SHIPPED
+        seconds = {stage: statistics.median(t) for stage, t in times.items()}
+        results[experts] = seconds
+        print(f"| {experts} | " + " | ".join(f"{s:.3f}" for s in seconds.values()) + " |",
+              flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"dtype": args.dtype, "threads": torch.get_num_threads(),
+                       "seconds": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
