@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from phatgoose.eval import predictions_path
 from phatgoose.eval.stats import average_ci
 from phatgoose.library import expert_name
 
@@ -29,7 +30,7 @@ from phatgoose.library import expert_name
 def predictions(work: Path, method: str) -> dict[str, list[dict]]:
     """task -> the run's per-example predictions for ``method`` (empty if it has none), from
     the file the pipeline writes for it."""
-    path = work / f"predictions-{method.replace(':', '_')}.jsonl"
+    path = predictions_path(work, method)
     if not path.exists():
         return {}
     by_task: dict[str, list[dict]] = {}

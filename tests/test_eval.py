@@ -8,7 +8,7 @@ from conftest import toy_examples
 
 from phatgoose.data.tasks import Example
 from phatgoose.eval import EvalConfig, choice_nll, evaluate, markdown_table, summary
-from phatgoose.eval.evaluate import write_predictions
+from phatgoose.eval.evaluate import TaskResult, predictions_path, write_predictions
 
 
 def reference_nll(base, prompt: str, choice: str) -> float:
@@ -49,6 +49,19 @@ def test_rank_classification_accuracy_and_predictions(llama, tmp_path):
     write_predictions(tmp_path / "p.jsonl", results)
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and rows[0]["task"] == "toy" and "nll" in rows[0]
+
+
+def test_predictions_file_is_named_per_method_and_updated_per_task(tmp_path):
+    path = predictions_path(tmp_path, "expert:color.rgb")
+    assert path == tmp_path / "predictions-expert_color.rgb.jsonl"
+    a = TaskResult("a", "multiple_choice", 1.0, [{"correct": True}])
+    b = TaskResult("b", "multiple_choice", 0.0, [{"correct": False}, {"correct": False}])
+    write_predictions(path, {"a": a, "b": b})
+    write_predictions(path, {"b": TaskResult("b", "multiple_choice", 1.0, [{"correct": True}])})
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows == [{"task": "a", "index": 0, "correct": True},
+                    {"task": "b", "index": 0, "correct": True}]  # b replaced, a kept
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 def test_generation_exact_match(base):

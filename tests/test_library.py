@@ -11,7 +11,7 @@ from peft import PeftModel
 
 from phatgoose.errors import LibraryError, ModelError
 from phatgoose.library import ExpertLibrary
-from phatgoose.library.expert import stack_experts
+from phatgoose.library.expert import stack_experts, write_atomically, write_json, write_text
 from phatgoose.models.base import wrap_model
 from phatgoose.routing import RoutedLinear, route, unroute
 
@@ -98,6 +98,22 @@ def test_corrupt_manifest_and_missing_gate(llama, tmp_path):
         ExpertLibrary(tmp_path / "lib")
     with pytest.raises(LibraryError, match="is not an expert library"):
         ExpertLibrary(tmp_path)
+
+
+def test_files_are_written_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "report.md"
+    write_text(path, "old\n")
+
+    def half_then_crash(tmp):
+        tmp.write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(path, half_then_crash)
+    assert path.read_text() == "old\n"  # the previous version survives, whole
+    write_json(tmp_path / "m.json", {"b": 1, "a": [2]})
+    assert (tmp_path / "m.json").read_text() == '{\n  "a": [\n    2\n  ],\n  "b": 1\n}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "report.md"]  # no leftovers
 
 
 def test_gpt2_conv1d_modules_are_routed(tokenizer, tmp_path):

@@ -185,10 +185,11 @@ def cmd_eval(args) -> None:
                             out if args.predictions else None,
                             top_k=args.top_k, temperature=args.temperature)
     from phatgoose.eval import markdown_table
+    from phatgoose.library.expert import write_text
 
     table = markdown_table(rows)
-    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (out / "results.md").write_text(table + "\n")
+    write_text(out / "results.json", json.dumps(rows, indent=2) + "\n")
+    write_text(out / "results.md", table + "\n")
     print(table)
 
 

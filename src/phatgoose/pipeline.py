@@ -30,12 +30,13 @@ from phatgoose.eval.evaluate import (
     evaluate_task,
     markdown_table,
     oracle_summary,
+    predictions_path,
     summary,
     write_predictions,
 )
 from phatgoose.eval.stats import paired_bootstrap
 from phatgoose.experts.train import ExpertConfig, GateConfig, train_expert, train_gate
-from phatgoose.library.expert import EXPERT_META, GATES, read_json, write_json
+from phatgoose.library.expert import EXPERT_META, GATES, read_json, write_json, write_text
 from phatgoose.library.library import MANIFEST, ExpertLibrary, default_expert_name, expert_name
 from phatgoose.models import EMBEDDED_MODEL, BaseModel, load_base_model, resolve_bf16
 from phatgoose.models.base import resolve_device
@@ -294,7 +295,7 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
             eval_sets, config.eval, lambda sets: evaluate_adapter(base, multitask_dir, sets,
                                                                    config.eval),
             base.device_name)
-        write_predictions(work / "predictions-multitask.jsonl", results)
+        write_predictions(predictions_path(work, "multitask"), results)
         rows["multitask"] = summary(results)
         timings["eval multitask"] = time.time() - t
     order = [ORACLE if m == "oracle" else m for m in routed] + ["multitask", OWN_EXPERT]
@@ -317,8 +318,8 @@ def run_pipeline(config: PipelineConfig, log=print) -> dict[str, Any]:
     result = {"summaries": rows, "timings_s": {k: round(v, 1) for k, v in per_stage.items()},
               "compute_s": compute, "compute_s_by_device": by_device,
               "table": table, "suites": {k: [tasks[s].name for s in v] for k, v in suites.items()}}
-    (work / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    (work / "results.md").write_text(table + "\n")
+    write_text(work / "results.json", json.dumps(result, indent=2) + "\n")
+    write_text(work / "results.md", table + "\n")
     return result
 
 
@@ -395,7 +396,7 @@ def check_expert(
     result = _cached_evaluate(
         cache, method_keys[f"single:{name}"], f"expert:{name}", sets, config,
         lambda s: evaluate_adapter(base, expert_dir, s, config), base.device_name)[task]
-    write_predictions(out / f"predictions-expert_{name}.jsonl", {task: result})
+    write_predictions(predictions_path(out, f"expert:{name}"), {task: result})
     diff, low, high = paired_bootstrap([p["correct"] for p in result.predictions],
                                        [p["correct"] for p in base_result.predictions])
     verdict = "beats the base model" if low > 0 else "does NOT beat the base model: tune it"
@@ -494,7 +495,7 @@ def evaluate_methods(
                                    base.device_name)
         rows[method] = summary(results)
         if out is not None:
-            write_predictions(out / f"predictions-{method.replace(':', '_')}.jsonl", results)
+            write_predictions(predictions_path(out, method), results)
         if timings is not None:  # held-out and held-in sets are separate calls: add up
             timings[f"eval {method}"] = timings.get(f"eval {method}", 0.0) + time.time() - t
     return rows

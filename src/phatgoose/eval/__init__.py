@@ -8,6 +8,7 @@ from phatgoose.eval.evaluate import (
     evaluate_task,
     generate,
     markdown_table,
+    predictions_path,
     summary,
     write_predictions,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "evaluate_task",
     "generate",
     "markdown_table",
+    "predictions_path",
     "summary",
     "write_predictions",
 ]

@@ -11,6 +11,7 @@ import torch
 from phatgoose.data.encode import collate, encode
 from phatgoose.data.tasks import Example
 from phatgoose.eval.evaluate import EvalConfig
+from phatgoose.library.expert import write_atomically
 from phatgoose.library.library import ExpertLibrary
 from phatgoose.models import BaseModel
 from phatgoose.routing.attach import route, routed_modules, unroute
@@ -89,7 +90,8 @@ def plot_routing(shares: dict, out: Path, suites: dict[str, list[str]] | None = 
     ax.set_title("PHATGOOSE: share of routing weight\n(mean over tokens and modules)", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.03)
     fig.tight_layout()
-    fig.savefig(out / "routing_heatmap.png", dpi=130)
+    write_atomically(out / "routing_heatmap.png", lambda tmp: fig.savefig(tmp, dpi=130,
+                                                                          format="png"))
     plt.close(fig)
 
     layers = list(dict.fromkeys(layer_of(m) for m in modules))
@@ -109,5 +111,6 @@ def plot_routing(shares: dict, out: Path, suites: dict[str, list[str]] | None = 
                  + ", ".join(f"{i}={e}" for i, e in enumerate(experts)) + ")", fontsize=7,
                  wrap=True)
     fig.tight_layout()
-    fig.savefig(out / "routing_layers.png", dpi=110)
+    write_atomically(out / "routing_layers.png", lambda tmp: fig.savefig(tmp, dpi=110,
+                                                                         format="png"))
     plt.close(fig)

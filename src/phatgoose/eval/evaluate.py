@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from phatgoose.data.encode import collate, encode, token_nll
 from phatgoose.data.tasks import Example
 from phatgoose.experts.loop import autocast
+from phatgoose.library.expert import write_text
 from phatgoose.models import BaseModel
 
 CHOICE_TOKENS = 2048  # choice tokens per forward when scoring choices on a shared prompt
@@ -258,18 +259,23 @@ def markdown_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def predictions_path(folder: Path | str, method: str) -> Path:
+    """Where a run keeps ``method``'s per-example predictions: ``predictions-<method>.jsonl``
+    (``:`` written ``_``, e.g. ``predictions-expert_<task>.jsonl`` for ``expert:<task>``)."""
+    return Path(folder) / f"predictions-{method.replace(':', '_')}.jsonl"
+
+
 def write_predictions(path: Path | str, results: dict[str, TaskResult]) -> None:
-    """Write (or update: other tasks' lines are kept) per-example predictions as JSON lines."""
+    """Write (or update: other tasks' lines are kept) per-example predictions as JSON lines,
+    atomically."""
     path = Path(path)
-    kept = []
+    lines = []
     if path.exists():
-        kept = [line for line in path.read_text().splitlines()
-                if json.loads(line)["task"] not in results]
-    with path.open("w") as f:
-        f.writelines(line + "\n" for line in kept)
-        for name, r in results.items():
-            for i, p in enumerate(r.predictions):
-                f.write(json.dumps({"task": name, "index": i, **p}) + "\n")
+        lines = [line for line in path.read_text().splitlines()
+                 if json.loads(line)["task"] not in results]
+    lines += [json.dumps({"task": name, "index": i, **p})
+              for name, r in results.items() for i, p in enumerate(r.predictions)]
+    write_text(path, "".join(line + "\n" for line in lines))
 
 
 ORACLE = "oracle (best single expert per task; peeks at test labels)"

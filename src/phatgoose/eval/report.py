@@ -4,6 +4,7 @@ task, paired intervals for PHATGOOSE minus each other method, and stage timings;
 from __future__ import annotations
 
 import csv
+import io
 import json
 import platform
 import time
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import torch
 
+from phatgoose.eval.evaluate import predictions_path
 from phatgoose.eval.stats import average_ci, bootstrap_ci, paired_bootstrap
+from phatgoose.library.expert import write_text
 from phatgoose.models import device_name
 
 
@@ -19,7 +22,7 @@ def _correct(work: Path, rows: dict, method: str, task: str) -> list[float]:
     if "expert" in rows[method]["tasks"][task]:  # oracle / own expert: that single expert's
         prefix = "expert:" if method.startswith("own expert") else "single:"
         method = prefix + rows[method]["tasks"][task]["expert"]
-    path = work / f"predictions-{method.replace(':', '_')}.jsonl"
+    path = predictions_path(work, method)
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     return [float(p["correct"]) for p in lines if p["task"] == task]
 
@@ -120,10 +123,11 @@ def write_report(work: Path | str, result: dict, title: str, command: str,
                      f"{round(sum(compute.values()), 1)} |"
                      + "".join(f" {round(sum(s.get(d, 0.0) for s in by_device.values()), 1)} |"
                                for d in split))
-    with (work / "results.csv").open("w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow(["suite", "method", "task", "n", "accuracy", "low", "high"])
-        out.writerows(_csv_rows(work, rows, suites))
+    table = io.StringIO(newline="")
+    out = csv.writer(table)
+    out.writerow(["suite", "method", "task", "n", "accuracy", "low", "high"])
+    out.writerows(_csv_rows(work, rows, suites))
+    write_text(work / "results.csv", table.getvalue())
     path = work / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     return path

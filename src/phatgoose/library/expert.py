@@ -71,14 +71,28 @@ def read_json(path: Path) -> dict[str, Any]:
         raise LibraryError(f"{path} is not valid JSON ({err}); rewrite or remove it") from err
 
 
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically: a temporary file beside it, then a rename, so a reader
+    never sees it half-written."""
+    write_atomically(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def write_atomically(path: Path, fill: Callable[[Path], object]) -> None:
+    """Create ``path`` by ``fill``-ing a temporary file beside it (``.<name>.<random>.tmp``,
+    which no ``*.<suffix>`` pattern matches), then renaming it; the temporary file is removed
+    if ``fill`` fails."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fill(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write JSON atomically (``write_text``)."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_dir_atomically(out: Path, fill: Callable[[Path], None]) -> None:
@@ -113,11 +127,8 @@ def write_safetensors(
     path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None
 ) -> None:
     """Write a safetensors file atomically (temporary file, then rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
-    os.replace(tmp, path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    write_atomically(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def load_lora(expert_dir: Path) -> dict[str, LoraWeights]:
