@@ -23,10 +23,8 @@ def scoring_matmul(x: Tensor, vectors: Tensor) -> Tensor:
     """x @ vectors^T in the scoring precision (``scoring``), under autocast too: autocast would
     run it in bf16, which flips near-tied expert choices."""
     x = scoring(x)
-    if torch.is_autocast_enabled(x.device.type):
-        with torch.autocast(x.device.type, enabled=False):
-            return x @ vectors.to(x.dtype).T
-    return x @ vectors.to(x.dtype).T
+    with torch.autocast(x.device.type, enabled=False):
+        return x @ vectors.to(x.dtype).T
 
 
 def standardise(t: Tensor, eps: float = 1e-5) -> Tensor:
