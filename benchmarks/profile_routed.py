@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--rows", type=int, default=25)
     args = parser.parse_args()
-    model = base_model(args.device, DTYPES[args.dtype])
+    model = base_model(args.device, args.dtype)
     ids = torch.randint(3, 40000, (BATCH, SEQ), device=args.device)
     route_synthetic(model, synthetic_experts(model, args.experts), "phatgoose")
     set_path(model, "sparse")

@@ -55,10 +55,15 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def base_model(device: str, dtype: torch.dtype) -> LlamaForCausalLM:
+def base_model(device: str, dtype: torch.dtype | str) -> LlamaForCausalLM:
+    """SmolLM2-135M with random weights, frozen. ``dtype``: a torch dtype or a ``DTYPES``
+    name. For "bf16-autocast" the fp32 weights are marked as requiring grad, as phatgoose's
+    evaluation marks them (``experts.loop.inference_autocast``), so that autocast casts each
+    weight once per autocast region rather than on every forward."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).to(device, dtype).eval()
-    model.requires_grad_(False)
+    weights = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).to(device, weights).eval()
+    model.requires_grad_(dtype == "bf16-autocast")
     return model
 
 
@@ -187,8 +192,8 @@ def compiled_prefill(experts: int, args) -> dict:
     the eager ones."""
     from torch._dynamo.utils import counters
 
-    dtype, device = DTYPES[args.dtype], args.device
-    model = base_model(device, dtype)
+    device = args.device
+    model = base_model(device, args.dtype)
     ids = torch.randint(3, 40000, (BATCH, SEQ), device=device)
     mode = compile_mode(device)
     result = {"experts": experts, "device": device, "dtype": args.dtype, "mode": mode,
@@ -220,8 +225,8 @@ def compiled_prefill(experts: int, args) -> dict:
 def compiled_decode(experts: int, args) -> dict:
     """Decode time per token, eager and under torch.compile, base model and routed (top-2,
     sparse path): like for like, both models compiled the same way."""
-    dtype, device = DTYPES[args.dtype], args.device
-    model = base_model(device, dtype)
+    device = args.device
+    model = base_model(device, args.dtype)
     result = {"experts": experts, "device": device, "dtype": args.dtype,
               "mode": compile_mode(device), "torch": torch.__version__}
     with torch.no_grad():
@@ -244,8 +249,8 @@ def compiled_decode(experts: int, args) -> dict:
 
 def one(experts: int, args) -> dict:
     """Every measurement for one E, in this process."""
-    dtype, device = DTYPES[args.dtype], args.device
-    model = base_model(device, dtype)
+    device = args.device
+    model = base_model(device, args.dtype)
     ids = torch.randint(3, 40000, (BATCH, SEQ), device=device)
     result = {"experts": experts, "device": device, "dtype": args.dtype,
               "threads": torch.get_num_threads(),
@@ -346,7 +351,7 @@ def peft_arrow(experts: int, args) -> dict:
     exact_peft_prototypes()
     dtype, device = DTYPES[args.dtype], args.device
     ids = torch.randint(3, 40000, (BATCH, SEQ), device=device)
-    model = base_model(device, dtype)
+    model = base_model(device, args.dtype)
     loras = synthetic_experts(model, experts)
     result = {"experts": experts}
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
@@ -362,11 +367,11 @@ def peft_arrow(experts: int, args) -> dict:
         start = time.perf_counter()
         arrow_config = ArrowConfig(top_k=TOP_K, router_temperature=1.0)
         if args.peft_build == "inject":  # the same experts again (seeded), into PEFT's layers
-            peft_base = base_model(device, dtype)
+            peft_base = base_model(device, args.dtype)
             peft_model = peft_arrow_injected(peft_base, synthetic_experts(peft_base, experts),
                                              arrow_config)
         else:
-            peft_model = create_arrow_model(base_model(device, dtype), paths, arrow_config)
+            peft_model = create_arrow_model(base_model(device, args.dtype), paths, arrow_config)
         result["peft_build"] = args.peft_build
         peft_model.to(device, dtype).eval()
         result["peft_load_s"] = time.perf_counter() - start

