@@ -374,6 +374,9 @@ def peft_arrow(experts: int, args) -> dict:
             peft_model = create_arrow_model(base_model(device, args.dtype), paths, arrow_config)
         result["peft_build"] = args.peft_build
         peft_model.to(device, dtype).eval()
+        # PEFT froze the base again: mark it as base_model does, so that both models get
+        # autocast's weight cache under bf16-autocast
+        peft_model.requires_grad_(args.dtype == "bf16-autocast")
         result["peft_load_s"] = time.perf_counter() - start
         progress(f"PEFT Arrow model built ({args.peft_build}): {result['peft_load_s']:.1f} s")
         try:

@@ -3,6 +3,7 @@
 import hashlib
 import os
 import pickle
+import stat
 
 import pytest
 import torch
@@ -11,7 +12,13 @@ from peft import PeftModel
 
 from phatgoose.errors import LibraryError, ModelError
 from phatgoose.library import ExpertLibrary
-from phatgoose.library.expert import stack_experts, write_atomically, write_json, write_text
+from phatgoose.library.expert import (
+    stack_experts,
+    write_atomically,
+    write_dir_atomically,
+    write_json,
+    write_text,
+)
 from phatgoose.models.base import wrap_model
 from phatgoose.routing import RoutedLinear, route, unroute
 
@@ -113,7 +120,12 @@ def test_files_are_written_whole_or_not_at_all(tmp_path):
     assert path.read_text() == "old\n"  # the previous version survives, whole
     write_json(tmp_path / "m.json", {"b": 1, "a": [2]})
     assert (tmp_path / "m.json").read_text() == '{\n  "a": [\n    2\n  ],\n  "b": 1\n}\n'
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "report.md"]  # no leftovers
+    write_dir_atomically(tmp_path / "lib", lambda folder: (folder / "x").write_text("x"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lib", "m.json", "report.md"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # as a plain create makes them
+    assert stat.S_IMODE((tmp_path / "lib").stat().st_mode) == 0o777 & ~umask
 
 
 def test_gpt2_conv1d_modules_are_routed(tokenizer, tmp_path):

@@ -124,7 +124,7 @@ def write_report(work: Path | str, result: dict, title: str, command: str,
                      + "".join(f" {round(sum(s.get(d, 0.0) for s in by_device.values()), 1)} |"
                                for d in split))
     table = io.StringIO(newline="")
-    out = csv.writer(table)
+    out = csv.writer(table, lineterminator="\n")  # write_text writes the platform's newline
     out.writerow(["suite", "method", "task", "n", "accuracy", "low", "high"])
     out.writerows(_csv_rows(work, rows, suites))
     write_text(work / "results.csv", table.getvalue())

@@ -85,9 +85,18 @@ def write_atomically(path: Path, fill: Callable[[Path], object]) -> None:
     os.close(fd)
     try:
         fill(Path(tmp))
+        _plain_mode(Path(tmp), 0o666)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _plain_mode(path: Path, mode: int) -> None:
+    """Give a temporary file (created 0600) or folder (0700) the permissions a plain create
+    would have given it: ``mode`` less the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -101,6 +110,7 @@ def write_dir_atomically(out: Path, fill: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         fill(tmp)
+        _plain_mode(tmp, 0o777)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -107,7 +107,7 @@ def device_name(device: torch.device) -> str:
 def bf16_is_faster(device: torch.device) -> bool:
     """Whether bf16 autocast beats fp32 on ``device``, as measured for this project: CUDA GPUs
     that support bf16, and CPUs with AMX tiles (there: the benchmark's evaluation 1.3x faster, a
-    routed prefill 1.6x, an expert's training step 1.2-1.35x; docs/PERFORMANCE.md). Other CPUs
+    routed prefill 1.7x, an expert's training step 1.2-1.35x; docs/PERFORMANCE.md). Other CPUs
     emulate bf16 matmuls and run them several times slower."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
