@@ -123,7 +123,7 @@ def write_report(work: Path | str, result: dict, title: str, command: str,
                      f"{round(sum(compute.values()), 1)} |"
                      + "".join(f" {round(sum(s.get(d, 0.0) for s in by_device.values()), 1)} |"
                                for d in split))
-    table = io.StringIO(newline="")
+    table = io.StringIO()
     out = csv.writer(table, lineterminator="\n")  # write_text writes the platform's newline
     out.writerow(["suite", "method", "task", "n", "accuracy", "low", "high"])
     out.writerows(_csv_rows(work, rows, suites))

@@ -92,7 +92,7 @@ def inference_autocast(model: nn.Module, bf16: bool | None, device: torch.device
         yield
         return
     frozen = [p for p in model.parameters() if not p.requires_grad and p.dtype == torch.float32]
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+    with torch.no_grad(), autocast(True, device):
         try:
             for p in frozen:
                 p.requires_grad_(True)
