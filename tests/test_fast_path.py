@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import random_expert
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from phatgoose.library import ExpertLibrary
 from phatgoose.routing import (
@@ -110,6 +111,42 @@ def test_bf16_model_on_cpu_runs_many_tokens_as_sparse_matmuls_in_fp32(monkeypatc
     torch.testing.assert_close(out.float(), reference, rtol=0, atol=1e-2 * scale)
     layer.path = "dense"  # the bf16 dense reference path
     torch.testing.assert_close(out.float(), layer(x).float(), rtol=0, atol=2e-2 * scale)
+
+
+class MatmulDtypes(TorchDispatchMode):
+    """Records the dtype of every bmm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bmm: list[torch.dtype] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.bmm.default:
+            self.bmm.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+def test_fp32_model_under_autocast_gathers_the_delta_of_few_tokens_in_fp32():
+    """Decoding under bf16 autocast: the gathered factors are not cast to bf16 (both bmms run in
+    fp32, the stacks' dtype), and the output is the autocast base output plus the fp32 delta,
+    rounded once to bf16."""
+    torch.manual_seed(4)
+    d_in, d_out, n_experts = 32, 24, 12
+    weights = experts(d_in, d_out, [4] * n_experts)
+    router = PhatgooseRouter(torch.randn(n_experts, d_in), 2)
+    layer = RoutedLinear.from_experts(nn.Linear(d_in, d_out), weights, router)
+    assert layer.path == "sparse"
+    x = torch.randn(1, 3, d_in)
+    assert 3 * 2 <= container.GATHER_MAX_PAIRS  # the gather kernel
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), MatmulDtypes() as seen:
+        out = layer(x)
+        base = layer.base(x)
+    assert seen.bmm == [torch.float32, torch.float32]
+    assert out.dtype == base.dtype == torch.bfloat16
+    chosen = router(x)
+    delta = sum(chosen[..., i : i + 1] * e.scaling * (x @ e.A.T @ e.B.T)
+                for i, e in enumerate(weights))
+    torch.testing.assert_close(out, (base.float() + delta).bfloat16(), rtol=2**-7, atol=0)
 
 
 def test_default_path_is_sparse_above_dense_max_experts():
