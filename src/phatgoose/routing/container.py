@@ -44,9 +44,9 @@ class RoutedLinear(nn.Module):
       forms a tokens x experts x d_out tensor.
     - ``sparse`` (``TopKRouter``s, above that many experts):
       only the k chosen experts run per token: k r (d_in + d_out) multiply-adds per token;
-      with few tokens by gathering their factors, with many by sparse matmuls (CPU; a bf16
-      model's delta in fp32) or grouped matmuls over (token, slot) pairs sorted by expert
-      (other devices).
+      with few tokens by gathering their factors (in the stacks' dtype, outside autocast),
+      with many by sparse matmuls (CPU; a bf16 model's delta in fp32) or grouped matmuls over
+      (token, slot) pairs sorted by expert (other devices).
     Top-k routers project the input with one matmul, shared with sibling modules that read the
     same input (see ``SharedProjection``).
 
