@@ -1,6 +1,7 @@
 """Routing: routers (selectors), the routed module (container), and attaching a library."""
 
 from phatgoose.library.expert import LoraWeights
+from phatgoose.routing import container, fused
 from phatgoose.routing.attach import METHODS, ROUTERS, route, routed_modules, unroute
 from phatgoose.routing.container import RoutedLinear
 from phatgoose.routing.routers import (
@@ -29,5 +30,7 @@ __all__ = [
     "standardise",
     "top_k_softmax",
     "top_right_singular_vector",
+    "container",
+    "fused",
     "unroute",
 ]

@@ -11,7 +11,14 @@ from torch import Tensor, nn
 
 from phatgoose.library.expert import LoraWeights, stack_experts
 from phatgoose.models import linear_dims
-from phatgoose.routing.routers import TopKRouter, scoring, scoring_matmul
+from phatgoose.routing import fused
+from phatgoose.routing.routers import (
+    ArrowRouter,
+    PhatgooseRouter,
+    TopKRouter,
+    scoring,
+    scoring_matmul,
+)
 
 # Below this many (token, expert) pairs the sparse path gathers the chosen experts' factors
 # (decoding); above it, it runs sparse matmuls on CPU (in fp32 or fp64), else pairs are sorted
@@ -29,6 +36,11 @@ CPU_SPARSE_MATMULS = True
 # dtypes of torch's CPU sparse kernels (sampled_addmm has no bf16): others run them in fp32
 SPARSE_DTYPES = (torch.float32, torch.float64)
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+# On a GPU with Triton, the sparse path of PHATGOOSE and Arrow routers runs as one fused kernel
+# per module (``fused.add_routed_delta_``): router, top-k and LoRA, up to FUSED_MAX_EXPERTS
+# experts. FUSED_ON_CPU runs it on CPU too (under Triton's interpreter: the tests).
+FUSED_ROUTING = True
+FUSED_ON_CPU = False
 
 
 class RoutedLinear(nn.Module):
@@ -46,7 +58,8 @@ class RoutedLinear(nn.Module):
       only the k chosen experts run per token: k r (d_in + d_out) multiply-adds per token;
       with few tokens by gathering their factors (in the stacks' dtype, outside autocast),
       with many by sparse matmuls (CPU; a bf16 model's delta in fp32) or grouped matmuls over
-      (token, slot) pairs sorted by expert (other devices).
+      (token, slot) pairs sorted by expert (other devices); on a GPU with Triton, PHATGOOSE and
+      Arrow routers instead run router, top-k and LoRA as one kernel (``routing.fused``).
     Top-k routers project the input with one matmul, shared with sibling modules that read the
     same input (see ``SharedProjection``).
 
@@ -124,6 +137,13 @@ class RoutedLinear(nn.Module):
     def sparse_forward(self, x: Tensor) -> Tensor:
         out = self.base(x).contiguous()  # added into in place, through a flat view
         flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1, self.d_out)
+        if self.fused_kernel_applies(flat_x):
+            arrow = type(self.router) is ArrowRouter
+            fused.add_routed_delta_(
+                flat_x, flat_out, self.router.vectors, self.lora_A, self.lora_B,
+                self.router.top_k, arrow=arrow, eps=getattr(self.router, "eps", 1e-5),
+                temperature=getattr(self.router, "temperature", 1.0))
+            return out
         # x in fp32 (or fp64): the router and a bf16 model's CPU delta read it
         x_scoring, projection = self.routing_inputs(x)
         x_scoring = x_scoring.reshape(flat_x.shape)
@@ -151,6 +171,13 @@ class RoutedLinear(nn.Module):
         hidden = hidden * weights.reshape(-1, 1).index_select(0, order)
         flat_out.index_add_(0, token, grouped_matmul(hidden, self.lora_B, ends))
         return out
+
+    def fused_kernel_applies(self, x: Tensor) -> bool:
+        """Whether ``fused.add_routed_delta_`` computes this module's sparse path for ``x``."""
+        return (FUSED_ROUTING and fused.triton is not None and (x.is_cuda or FUSED_ON_CPU)
+                and type(self.router) in (PhatgooseRouter, ArrowRouter)
+                and self.num_experts <= fused.FUSED_MAX_EXPERTS
+                and x.dtype in fused.FUSED_DTYPES and self.lora_A.dtype in fused.FUSED_DTYPES)
 
     def _add_gathered_delta(self, flat_x: Tensor, x_scoring: Tensor, flat_out: Tensor,
                             weights: Tensor, experts: Tensor) -> None:

@@ -1,0 +1,187 @@
+"""The fused routing kernel (``routing.fused``) against the unfused sparse path, the dense path
+and the base model, on SmolLM2-135M's 30 layers of 7 linear modules (576 wide, 1536 in the MLP,
+k/v 192), without attention: the part of the model that routing changes.
+
+Each variant runs eagerly and, on CUDA, captured as one CUDA graph (``torch.cuda.graph``: what
+``torch.compile(mode="reduce-overhead")`` does, without compiling; it shows the kernels' own
+time, without Python's launch cost). Inputs of 1, 8 (decode) and 8 x 256 = 2048 (prefill)
+tokens; E random rank-8 experts per module, PHATGOOSE routing, top-2; the routed outputs are
+compared with the dense path's.
+
+    python benchmarks/fused_routing.py --device cuda --dtype bf16
+    python benchmarks/fused_routing.py --device cpu --layers 2 --tokens 1 8   # the interpreter
+
+On CPU the fused kernel runs only under Triton's interpreter (``TRITON_INTERPRET=1``, set here),
+which is slow: a check that the script runs, not a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SMOLLM2 = dict(d=576, kv=192, ff=1536)
+RANK, TOP_K = 8, 2
+VARIANTS = ("base", "dense", "unfused", "fused")
+
+
+class Block(nn.Module):
+    """One SmolLM2 layer's linear modules and norms, attention left out (q and the k/v outputs
+    feed o_proj so that nothing is dead code)."""
+
+    def __init__(self, d: int, kv: int, ff: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
+        self.q_proj, self.k_proj = nn.Linear(d, d, bias=False), nn.Linear(d, kv, bias=False)
+        self.v_proj, self.o_proj = nn.Linear(d, kv, bias=False), nn.Linear(d, d, bias=False)
+        self.gate_proj, self.up_proj = nn.Linear(d, ff, bias=False), nn.Linear(d, ff, bias=False)
+        self.down_proj = nn.Linear(ff, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        kv = self.k_proj(h).sum(-1, keepdim=True) + self.v_proj(h).sum(-1, keepdim=True)
+        x = x + self.o_proj(self.q_proj(h) + 1e-3 * kv)
+        h = self.norm2(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+def build(layers: int, device: str, dtype: torch.dtype) -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(*[Block(**SMOLLM2) for _ in range(layers)])
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=m.in_features**-0.5)
+    return model.to(device, dtype).eval()
+
+
+def route(model: nn.Sequential, experts: int) -> None:
+    """Every linear module becomes a RoutedLinear among ``experts`` random rank-8 experts
+    (factors pre-scaled) with a random PHATGOOSE router; q/k/v and gate/up share projections."""
+    from phatgoose.routing import PhatgooseRouter, RoutedLinear
+    from phatgoose.routing.attach import set_module
+    from phatgoose.routing.container import share_projections
+
+    generator = torch.Generator().manual_seed(1)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for name in names:
+        base = model.get_submodule(name)
+        d_in, d_out = base.in_features, base.out_features
+        A = torch.randn(experts, RANK, d_in, generator=generator) / d_in**0.5
+        B = torch.randn(experts, RANK, d_out, generator=generator) * 0.05
+        router = PhatgooseRouter(torch.randn(experts, d_in, generator=generator), TOP_K)
+        layer = RoutedLinear(base, A, B, router).to(base.weight.device)
+        layer.router.to(base.weight.device)
+        set_module(model, name, layer)
+    share_projections({n: m for n, m in model.named_modules() if isinstance(m, RoutedLinear)})
+
+
+def configure(model: nn.Module, variant: str) -> None:
+    from phatgoose.routing import RoutedLinear, container
+
+    container.FUSED_ROUTING = variant == "fused"
+    for m in model.modules():
+        if isinstance(m, RoutedLinear):
+            m.path = "dense" if variant == "dense" else "sparse"
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def eager_ms(model, x, repeats: int, device: str) -> float:
+    model(x)
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        model(x)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+def graph_ms(model, x, replays: int) -> float:
+    """Milliseconds per replay of the forward captured as one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            model(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        model(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / replays
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 64, 256])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 2048])
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", default="fused_routing.json")
+    args = parser.parse_args()
+    if args.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before phatgoose imports Triton
+    from phatgoose.routing import container
+
+    if args.device == "cpu":
+        container.FUSED_ON_CPU = True
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    graphs = args.device == "cuda"
+    results = {"device": torch.cuda.get_device_name() if graphs else "cpu",
+               "dtype": args.dtype, "torch": torch.__version__, "layers": args.layers,
+               "date": time.strftime("%Y-%m-%d"), "rows": []}
+    base = build(args.layers, args.device, dtype)
+    with torch.no_grad():
+        for tokens in args.tokens:
+            x = torch.randn(tokens, SMOLLM2["d"], device=args.device, dtype=dtype)
+            row = {"experts": 0, "tokens": tokens, "variant": "base",
+                   "eager_ms": eager_ms(base, x, args.repeats, args.device)}
+            if graphs:
+                row["graph_ms"] = graph_ms(base, x, 5 * args.repeats)
+            results["rows"].append(row)
+            print(row, flush=True)
+        for experts in args.experts:
+            model = build(args.layers, args.device, dtype)
+            route(model, experts)
+            for tokens in args.tokens:
+                x = torch.randn(tokens, SMOLLM2["d"], device=args.device, dtype=dtype)
+                outputs = {}
+                for variant in VARIANTS[1:]:
+                    configure(model, variant)
+                    outputs[variant] = model(x).float()
+                    row = {"experts": experts, "tokens": tokens, "variant": variant,
+                           "eager_ms": eager_ms(model, x, args.repeats, args.device)}
+                    if graphs:
+                        row["graph_ms"] = graph_ms(model, x, 5 * args.repeats)
+                    scale = outputs["dense"].abs().max()
+                    row["max_rel_diff_vs_dense"] = float(
+                        (outputs[variant] - outputs["dense"]).abs().max() / scale)
+                    results["rows"].append(row)
+                    print(row, flush=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""The fused routing kernel (router, top-k and LoRA in one Triton kernel) against the dense
+reference path. On a machine without a GPU it runs under Triton's interpreter (conftest sets
+TRITON_INTERPRET=1), on CPU tensors; on a GPU machine, on the GPU."""
+
+import copy
+
+import pytest
+import torch
+from conftest import random_expert
+from torch import nn
+
+from phatgoose.library import ExpertLibrary
+from phatgoose.routing import (
+    ArrowRouter,
+    FixedWeights,
+    LoraWeights,
+    PhatgooseRouter,
+    RoutedLinear,
+    container,
+    fused,
+    route,
+    routed_modules,
+    unroute,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def fused_kernel_only(monkeypatch):
+    """The fused kernel wherever it applies (on CPU too), and no other sparse kernel."""
+    def unused(*args, **kwargs):
+        raise AssertionError("the fused kernel should have run")
+
+    monkeypatch.setattr(container, "FUSED_ON_CPU", True)
+    for kernel in ("_add_gathered_delta", "_add_sparse_delta"):
+        monkeypatch.setattr(RoutedLinear, kernel, unused)
+    monkeypatch.setattr(container, "grouped_matmul", unused)
+
+
+def routed_layer(d_in, d_out, ranks, router) -> RoutedLinear:
+    weights = [LoraWeights(torch.randn(r, d_in), torch.randn(d_out, r), 0.5 + i)
+               for i, r in enumerate(ranks)]
+    layer = RoutedLinear.from_experts(nn.Linear(d_in, d_out), weights, router)
+    layer.path = "sparse"
+    return layer.to(DEVICE)
+
+
+def make_router(kind: str, vectors: torch.Tensor, top_k: int):
+    if kind == "phatgoose":
+        return PhatgooseRouter(vectors, top_k)
+    return ArrowRouter(vectors, top_k, temperature=0.5)
+
+
+@pytest.mark.parametrize("kind", ["phatgoose", "arrow"])
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+@pytest.mark.parametrize("tokens", [1, 7, 40])  # one block, a partial block, three blocks
+@torch.no_grad()
+def test_fused_kernel_equals_dense_reference(kind, top_k, tokens):
+    """Scores, top-k, softmax and the LoRA of the chosen experts, against the dense path
+    (every expert, weighted) and a loop over experts; with padded ranks (r = 1 to 6), a
+    number of experts and widths that are no power of two and span several chunks."""
+    torch.manual_seed(10 * top_k + tokens)
+    d_in, d_out, n_experts = 70, 45, 21
+    ranks = [6, 2, 4, 3, 6, 1] * 3 + [5, 6, 4]
+    vectors = torch.randn(n_experts, d_in) * 2 + 1  # gates with a mean: standardised inside
+    layer = routed_layer(d_in, d_out, ranks, make_router(kind, vectors, top_k))
+    x = (torch.randn(2, tokens, d_in) * 3 + 0.5).to(DEVICE)  # inputs with a mean, too
+    assert layer.fused_kernel_applies(x)
+    fused_out = layer(x)
+    layer.path = "dense"
+    dense = layer(x)
+    scale = float(dense.abs().max())
+    torch.testing.assert_close(fused_out, dense, atol=1e-4 * scale, rtol=0)
+    # and a loop over the experts each token chose, from the router's own weights
+    chosen = layer.router(x)
+    loop = layer.base(x)
+    for i in range(n_experts):
+        A, B = layer.lora_A[i], layer.lora_B[i]  # pre-scaled
+        loop = loop + chosen[..., i : i + 1] * (x @ A.T @ B)
+    torch.testing.assert_close(fused_out, loop, atol=1e-4 * scale, rtol=0)
+
+
+@torch.no_grad()
+def test_fused_kernel_in_a_bf16_model_adds_the_fp32_delta_rounded_once():
+    """A bf16 model: routed in fp32 as the torch paths do, the delta accumulated in fp32 and
+    added to the bf16 base output with one rounding."""
+    torch.manual_seed(5)
+    d_in, d_out, n_experts = 64, 48, 40
+    layer = routed_layer(d_in, d_out, [8] * n_experts,
+                         PhatgooseRouter(torch.randn(n_experts, d_in), 2)).bfloat16()
+    x = torch.randn(30, d_in, device=DEVICE).bfloat16()
+    out = layer(x)
+    reference = copy.deepcopy(layer).float()  # the same bf16 numbers, in fp32
+    reference.path = "dense"
+    base = layer.base(x).float()
+    expected = (base + (reference(x.float()) - reference.base(x.float()))).bfloat16()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=2**-7, atol=1e-3)
+
+
+def test_fused_kernel_applies_only_to_what_it_computes(monkeypatch):
+    torch.manual_seed(6)
+    phatgoose = routed_layer(16, 8, [2] * 12, PhatgooseRouter(torch.randn(12, 16), 2))
+    x = torch.randn(3, 16, device=DEVICE)
+    assert phatgoose.fused_kernel_applies(x)
+    assert not phatgoose.fused_kernel_applies(x.double())  # fp64 keeps the torch kernels
+    uniform = routed_layer(16, 8, [2] * 12, FixedWeights(torch.full((12,), 1 / 12)))
+    assert not uniform.fused_kernel_applies(x)  # not a top-k router
+    many = fused.FUSED_MAX_EXPERTS + 1
+    too_many = routed_layer(16, 8, [1] * many, PhatgooseRouter(torch.randn(many, 16), 2))
+    assert not too_many.fused_kernel_applies(x)
+    monkeypatch.setattr(container, "FUSED_ROUTING", False)
+    assert not phatgoose.fused_kernel_applies(x)
+    if DEVICE == "cpu":
+        monkeypatch.setattr(container, "FUSED_ROUTING", True)
+        monkeypatch.setattr(container, "FUSED_ON_CPU", False)
+        assert not phatgoose.fused_kernel_applies(x)  # on CPU only when asked (tests)
+
+
+def test_routed_llama_through_the_fused_kernel_matches_dense(llama, tmp_path):
+    """A whole routed model (12 experts, q/k/v and gate/up sharing inputs): the fused kernel in
+    every module gives the dense path's logits."""
+    dirs = [random_expert(llama, tmp_path / f"e{i}", seed=i) for i in range(12)]
+    library = ExpertLibrary.build(tmp_path / "lib", dirs)
+    model = llama.model.to(DEVICE)
+    ids = torch.randint(2, 100, (2, 20), device=DEVICE)
+    route(model, library, method="phatgoose", top_k=2)
+    modules = routed_modules(model)
+    assert all(m.path == "sparse" for m in modules.values())
+    with torch.no_grad():
+        fused_logits = model(ids).logits
+        for m in modules.values():
+            m.path = "dense"
+        dense = model(ids).logits
+    unroute(model)
+    torch.testing.assert_close(fused_logits, dense, atol=1e-4 * float(dense.abs().max()),
+                               rtol=0)
