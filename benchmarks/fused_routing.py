@@ -9,6 +9,7 @@ tokens; E random rank-8 experts per module, PHATGOOSE routing, top-2; the routed
 compared with the dense path's.
 
     python benchmarks/fused_routing.py --device cuda --dtype bf16
+    python benchmarks/fused_routing.py --device cuda --experts 64 --sweep 64   # the fused tiles
     python benchmarks/fused_routing.py --device cpu --layers 2 --tokens 1 8   # the interpreter
 
 On CPU the fused kernel runs only under Triton's interpreter (``TRITON_INTERPRET=1``, set here),
@@ -29,6 +30,9 @@ from torch import nn
 SMOLLM2 = dict(d=576, kv=192, ff=1536)
 RANK, TOP_K = 8, 2
 VARIANTS = ("base", "dense", "unfused", "fused")
+# (TILE, DECODE_COLUMNS, NUM_WARPS) of routing.fused's tiling heuristic, tried by --sweep
+SWEEP = [(4096, 64, 4), (8192, 32, 4), (8192, 64, 4), (8192, 128, 4), (16384, 64, 8),
+         (16384, 128, 8)]
 
 
 class Block(nn.Module):
@@ -129,6 +133,25 @@ def graph_ms(model, x, replays: int) -> float:
     return start.elapsed_time(end) / replays
 
 
+def sweep(model, x, experts: int, repeats: int, rows: list) -> None:
+    """The fused variant's CUDA-graph time under each tiling of SWEEP (decode tilings apply to
+    up to ``fused.DECODE_TOKENS`` tokens; the rest only use TILE and NUM_WARPS)."""
+    from phatgoose.routing import fused
+
+    configure(model, "fused")
+    default = (fused.TILE, fused.DECODE_COLUMNS, fused.NUM_WARPS)
+    for tile, columns, warps in SWEEP:
+        if x.shape[0] > fused.DECODE_TOKENS and columns != default[1]:
+            continue
+        fused.TILE, fused.DECODE_COLUMNS, fused.NUM_WARPS = tile, columns, warps
+        row = {"experts": experts, "tokens": x.shape[0], "variant": "fused", "tile": tile,
+               "decode_columns": columns, "num_warps": warps,
+               "graph_ms": graph_ms(model, x, 5 * repeats)}
+        rows.append(row)
+        print(row, flush=True)
+    fused.TILE, fused.DECODE_COLUMNS, fused.NUM_WARPS = default
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -137,6 +160,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 2048])
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--sweep", type=int, metavar="E",
+                        help="at E experts, also time the fused kernel under each tiling in "
+                             "SWEEP (CUDA graphs)")
     parser.add_argument("--out", default="fused_routing.json")
     args = parser.parse_args()
     if args.device == "cpu":
@@ -178,6 +204,8 @@ def main() -> None:
                         (outputs[variant] - outputs["dense"]).abs().max() / scale)
                     results["rows"].append(row)
                     print(row, flush=True)
+                if args.sweep == experts and graphs:
+                    sweep(model, x, experts, args.repeats, results["rows"])
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     print(f"wrote {args.out}")
