@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from phatgoose.library.expert import LoraWeights
-from phatgoose.routing import PhatgooseRouter, RoutedLinear
+from phatgoose.routing import PhatgooseRouter, RoutedLinear, container
 
 
 @torch.no_grad()
@@ -22,6 +22,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    # the torch sparse kernels (gathering, grouped matmuls) at every size, whatever the
+    # device's default kernel (RoutedLinear.sparse_kernel)
+    container.FUSED_ROUTING = False
+    container.DENSE_MAX_EXPERTS = container.GPU_DENSE_MAX_EXPERTS = 0
     torch.manual_seed(0)
     d_in, d_out, experts, rank = 576, 1536, 64, 8
     for dtype in (torch.float32, torch.bfloat16):

@@ -29,7 +29,11 @@ from torch import nn
 
 SMOLLM2 = dict(d=576, kv=192, ff=1536)
 RANK, TOP_K = 8, 2
-VARIANTS = ("base", "dense", "unfused", "fused")
+# base: plain linear modules; dense: the dense path (every expert); unfused: the torch sparse
+# kernels (gathering, grouped matmuls); fused: the fused kernel at every size; default: what
+# RoutedLinear.sparse_kernel picks (on a GPU: fused when eager; under a CUDA graph, fused for
+# one token, dense above)
+VARIANTS = ("base", "dense", "unfused", "fused", "default")
 # (TILE, DECODE_COLUMNS, NUM_WARPS) of routing.fused's tiling heuristic, tried by --sweep
 SWEEP = [(4096, 64, 4), (8192, 32, 4), (8192, 64, 4), (8192, 128, 4), (16384, 64, 8),
          (16384, 128, 8)]
@@ -88,7 +92,11 @@ def route(model: nn.Sequential, experts: int) -> None:
 def configure(model: nn.Module, variant: str) -> None:
     from phatgoose.routing import RoutedLinear, container
 
-    container.FUSED_ROUTING = variant == "fused"
+    default = variant == "default"
+    container.FUSED_ROUTING = variant in ("fused", "default")
+    container.FUSED_MAX_TOKENS = 1 if default else 10**9
+    container.GPU_DENSE_MAX_EXPERTS = 1024 if default else 0
+    container.DENSE_MAX_EXPERTS = 8 if default else 0
     for m in model.modules():
         if isinstance(m, RoutedLinear):
             m.path = "dense" if variant == "dense" else "sparse"

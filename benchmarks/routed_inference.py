@@ -34,7 +34,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 from phatgoose.library.expert import LoraWeights
 from phatgoose.models import linear_dims, resolve_target_modules
-from phatgoose.routing import ArrowRouter, PhatgooseRouter, RoutedLinear
+from phatgoose.routing import ArrowRouter, PhatgooseRouter, RoutedLinear, container
 from phatgoose.routing.attach import set_module
 from phatgoose.routing.container import share_projections
 from phatgoose.routing.routers import top_right_singular_vector
@@ -108,6 +108,10 @@ def route_synthetic(model, loras: dict[str, list[LoraWeights]], method: str) -> 
 
 
 def set_path(model, path: str) -> None:
+    """Every routed module's path. "sparse" runs its default kernels (``sparse_kernel``),
+    except that on CPU it keeps the sparse kernels at E <= 8 too (measured at every E)."""
+    if path == "sparse":
+        container.DENSE_MAX_EXPERTS = 0
     for m in model.modules():
         if isinstance(m, RoutedLinear):
             m.path = path

@@ -149,21 +149,44 @@ def test_fp32_model_under_autocast_gathers_the_delta_of_few_tokens_in_fp32():
     torch.testing.assert_close(out, (base.float() + delta).bfloat16(), rtol=2**-7, atol=0)
 
 
-def test_default_path_is_sparse_above_dense_max_experts():
-    many = container.DENSE_MAX_EXPERTS + 1
+def test_top_k_routers_take_the_sparse_path_whose_kernel_depends_on_tokens_and_device(
+        monkeypatch):
     def make(n, router):
         return RoutedLinear.from_experts(nn.Linear(8, 6), experts(8, 6, [2] * n), router)
 
-    assert make(many, PhatgooseRouter(torch.randn(many, 8), 2)).path == "sparse"
+    few, many = container.DENSE_MAX_EXPERTS, container.DENSE_MAX_EXPERTS + 1
+    phatgoose = make(many, PhatgooseRouter(torch.randn(many, 8), 2))
+    assert phatgoose.path == "sparse"
     assert make(many, ArrowRouter(torch.randn(many, 8), 2)).path == "sparse"
-    assert make(many - 1, PhatgooseRouter(torch.randn(many - 1, 8), 2)).path == "dense"
     assert make(many, FixedWeights(torch.full((many,), 1 / many))).path == "dense"
+    small = make(few, PhatgooseRouter(torch.randn(few, 8), 2))
+    assert small.path == "sparse"
+    fp32, bf16 = torch.float32, torch.bfloat16
+    # CPU: every expert up to DENSE_MAX_EXPERTS; then gathering for 32 pairs, sparse matmuls
+    assert small.sparse_kernel(200, "cpu", fp32) == "dense"
+    assert phatgoose.sparse_kernel(32, "cpu", fp32) == "gather"
+    assert phatgoose.sparse_kernel(33, "cpu", fp32) == "sparse-matmul"
+    # GPU, eager: the fused kernel at every size (E <= 8 too)
+    for layer in (small, phatgoose):
+        assert layer.sparse_kernel(1, "cuda", bf16) == "fused"
+        assert layer.sparse_kernel(2048, "cuda", bf16) == "fused"
+    assert phatgoose.sparse_kernel(1, "cuda", torch.float64) == "dense"  # no fp64 kernel
+    huge = container.GPU_DENSE_MAX_EXPERTS + 1
+    routed = make(huge, PhatgooseRouter(torch.randn(huge, 8), 2))
+    assert routed.sparse_kernel(1, "cuda", bf16) == "gather"  # above FUSED_MAX_EXPERTS too
+    assert routed.sparse_kernel(2048, "cuda", bf16) == "grouped"
+    # GPU, compiled or captured into a CUDA graph: fused for one token, then every expert
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert phatgoose.sparse_kernel(1, "cuda", bf16) == "fused"
+    assert phatgoose.sparse_kernel(2, "cuda", bf16) == "dense"
+    monkeypatch.setattr(container, "FUSED_ROUTING", False)
+    assert phatgoose.sparse_kernel(1, "cuda", bf16) == "dense"
 
 
 def test_sparse_path_keeps_batch_shape_and_dtype():
     torch.manual_seed(1)
-    layer = RoutedLinear.from_experts(nn.Linear(8, 6), experts(8, 6, [2, 2, 2]),
-                         PhatgooseRouter(torch.randn(3, 8), 2))
+    layer = RoutedLinear.from_experts(nn.Linear(8, 6), experts(8, 6, [2] * 12),
+                                      PhatgooseRouter(torch.randn(12, 8), 2))
     layer.path = "sparse"
     x = torch.randn(2, 40, 8)
     out = layer(x)
@@ -189,8 +212,9 @@ def test_grouped_matmul_and_its_fallback_equal_a_loop(monkeypatch):
 @pytest.mark.parametrize("path", ["dense", "sparse"])
 def test_shared_projection_reuses_one_matmul_only_for_the_same_input(path):
     torch.manual_seed(3)
-    layers = [RoutedLinear.from_experts(nn.Linear(8, 5), experts(8, 5, [2, 2, 2]),
-                           PhatgooseRouter(torch.randn(3, 8), 2)) for _ in range(3)]
+    layers = [RoutedLinear.from_experts(nn.Linear(8, 5), experts(8, 5, [2] * 12),
+                                        PhatgooseRouter(torch.randn(12, 8), 2))
+              for _ in range(3)]  # more than DENSE_MAX_EXPERTS: the sparse kernels
     for layer in layers:
         layer.path = path
     x, y = torch.randn(4, 8), torch.randn(4, 8)
@@ -222,7 +246,7 @@ def test_shared_projection_converts_a_bf16_input_to_fp32_once_for_all_members():
     assert group._input is None  # every member served: nothing held
 
 
-def test_routed_llama_shares_qkv_and_gate_up_and_matches_dense(llama, tmp_path):
+def test_routed_llama_shares_qkv_and_gate_up_and_matches_dense(llama, tmp_path, monkeypatch):
     dirs = [random_expert(llama, tmp_path / f"e{i}", seed=i) for i in range(5)]
     library = ExpertLibrary.build(tmp_path / "lib", dirs)
     ids = torch.randint(2, 100, (3, 30))
@@ -232,11 +256,12 @@ def test_routed_llama_shares_qkv_and_gate_up_and_matches_dense(llama, tmp_path):
     n_layers = llama.model.config.num_hidden_layers
     assert len(groups) == 2 * n_layers  # q/k/v and gate/up in every layer
     assert all(m.shared is None for n, m in modules.items() if n.endswith(("o_proj", "down_proj")))
-    assert all(m.path == "dense" for m in modules.values())  # 5 experts: dense by default
-    dense = llama.model(ids).logits
-    for m in modules.values():
-        m.path = "sparse"
+    assert all(m.path == "sparse" for m in modules.values())
+    monkeypatch.setattr(container, "DENSE_MAX_EXPERTS", 0)  # the sparse kernels at 5 experts
     sparse = llama.model(ids).logits
+    for m in modules.values():
+        m.path = "dense"
+    dense = llama.model(ids).logits
     unroute(llama.model)
     torch.testing.assert_close(sparse, dense, atol=1e-4 * float(dense.abs().max()), rtol=0)
 

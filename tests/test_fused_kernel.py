@@ -33,6 +33,7 @@ def fused_kernel_only(monkeypatch):
         raise AssertionError("the fused kernel should have run")
 
     monkeypatch.setattr(container, "FUSED_ON_CPU", True)
+    monkeypatch.setattr(container, "FUSED_MAX_TOKENS", 10**6)  # every size (default: 1)
     for kernel in ("_add_gathered_delta", "_add_sparse_delta"):
         monkeypatch.setattr(RoutedLinear, kernel, unused)
     monkeypatch.setattr(container, "grouped_matmul", unused)
@@ -41,9 +42,7 @@ def fused_kernel_only(monkeypatch):
 def routed_layer(d_in, d_out, ranks, router) -> RoutedLinear:
     weights = [LoraWeights(torch.randn(r, d_in), torch.randn(d_out, r), 0.5 + i)
                for i, r in enumerate(ranks)]
-    layer = RoutedLinear.from_experts(nn.Linear(d_in, d_out), weights, router)
-    layer.path = "sparse"
-    return layer.to(DEVICE)
+    return RoutedLinear.from_experts(nn.Linear(d_in, d_out), weights, router).to(DEVICE)
 
 
 def make_router(kind: str, vectors: torch.Tensor, top_k: int):
@@ -70,7 +69,7 @@ def test_fused_kernel_equals_dense_reference(kind, top_k, tokens, tile, monkeypa
     vectors = torch.randn(n_experts, d_in) * 2 + 1  # gates with a mean: standardised inside
     layer = routed_layer(d_in, d_out, ranks, make_router(kind, vectors, top_k))
     x = (torch.randn(2, tokens, d_in) * 3 + 0.5).to(DEVICE)  # inputs with a mean, too
-    assert layer.fused_kernel_applies(x)
+    assert layer.sparse_kernel(2 * tokens, DEVICE, x.dtype) == "fused"
     fused_out = layer(x)
     layer.path = "dense"
     dense = layer(x)
@@ -103,23 +102,27 @@ def test_fused_kernel_in_a_bf16_model_adds_the_fp32_delta_rounded_once():
     torch.testing.assert_close(out, expected, rtol=2**-7, atol=1e-3)
 
 
-def test_fused_kernel_applies_only_to_what_it_computes(monkeypatch):
-    torch.manual_seed(6)
-    phatgoose = routed_layer(16, 8, [2] * 12, PhatgooseRouter(torch.randn(12, 16), 2))
-    x = torch.randn(3, 16, device=DEVICE)
-    assert phatgoose.fused_kernel_applies(x)
-    assert not phatgoose.fused_kernel_applies(x.double())  # fp64 keeps the torch kernels
-    uniform = routed_layer(16, 8, [2] * 12, FixedWeights(torch.full((12,), 1 / 12)))
-    assert not uniform.fused_kernel_applies(x)  # not a top-k router
+def test_fused_kernel_runs_only_what_it_computes(monkeypatch):
+    """PHATGOOSE and Arrow routers up to FUSED_MAX_EXPERTS experts, in fp32, bf16 or fp16, with
+    the kernel on (and, on CPU, asked for); nothing else (see also test_fast_path's
+    test_top_k_routers_take_the_sparse_path_whose_kernel_depends_on_tokens_and_device)."""
+    def kernel(layer, dtype=torch.float32):
+        return layer.sparse_kernel(1, DEVICE, dtype)
+
     many = fused.FUSED_MAX_EXPERTS + 1
+    phatgoose = routed_layer(16, 8, [2] * 12, PhatgooseRouter(torch.randn(12, 16), 2))
+    arrow = routed_layer(16, 8, [2] * 12, ArrowRouter(torch.randn(12, 16), 2))
     too_many = routed_layer(16, 8, [1] * many, PhatgooseRouter(torch.randn(many, 16), 2))
-    assert not too_many.fused_kernel_applies(x)
+    uniform = routed_layer(16, 8, [2] * 12, FixedWeights(torch.full((12,), 1 / 12)))
+    assert uniform.path == "dense"  # a dense router never reaches the sparse kernels
+    assert kernel(phatgoose) == kernel(arrow) == kernel(phatgoose, torch.bfloat16) == "fused"
+    assert kernel(phatgoose, torch.float64) != "fused"
+    assert kernel(too_many) != "fused"
     monkeypatch.setattr(container, "FUSED_ROUTING", False)
-    assert not phatgoose.fused_kernel_applies(x)
-    if DEVICE == "cpu":
-        monkeypatch.setattr(container, "FUSED_ROUTING", True)
-        monkeypatch.setattr(container, "FUSED_ON_CPU", False)
-        assert not phatgoose.fused_kernel_applies(x)  # on CPU only when asked (tests)
+    assert kernel(phatgoose) != "fused"
+    monkeypatch.setattr(container, "FUSED_ROUTING", True)
+    monkeypatch.setattr(container, "FUSED_ON_CPU", False)
+    assert (kernel(phatgoose) == "fused") == (DEVICE == "cuda")  # on CPU only when asked
 
 
 def test_routed_llama_through_the_fused_kernel_matches_dense(llama, tmp_path):

@@ -24,10 +24,10 @@ from phatgoose.routing.routers import (
 # (decoding); above it, it runs sparse matmuls on CPU (in fp32 or fp64), else pairs are sorted
 # by expert and run as grouped matmuls (prefill).
 GATHER_MAX_PAIRS = 64
-# Up to this many experts, computing every expert (one concatenated LoRA of rank E r) costs
-# about what the sparse path's routing costs, so top-k routers use it too. Measured on CPU in
-# fp32 (8 x 256-token prefill): the sparse path 4% faster at E = 8 and 13% at E = 12; the
-# dense path 1.5x faster at E = 4 for rank classification.
+# Up to this many experts (off GPUs), computing every expert (one concatenated LoRA of rank
+# E r) costs about what the sparse path's routing costs, so the sparse path does that too.
+# Measured on CPU in fp32 (8 x 256-token prefill): the sparse kernels 4% faster at E = 8 and
+# 13% at E = 12; computing every expert 1.5x faster at E = 4 for rank classification.
 DENSE_MAX_EXPERTS = 8
 # Many tokens on CPU run as sparse matmuls (``_add_sparse_delta``), whatever the model's dtype:
 # torch's CPU grouped matmul and index_add_ are scalar loops in bf16 (measured 8x slower than
@@ -36,11 +36,23 @@ CPU_SPARSE_MATMULS = True
 # dtypes of torch's CPU sparse kernels (sampled_addmm has no bf16): others run them in fp32
 SPARSE_DTYPES = (torch.float32, torch.float64)
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-# On a GPU with Triton, the sparse path of PHATGOOSE and Arrow routers runs as one fused kernel
-# per module (``fused.add_routed_delta_``): router, top-k and LoRA, up to FUSED_MAX_EXPERTS
-# experts. FUSED_ON_CPU runs it on CPU too (under Triton's interpreter: the tests).
+# On a GPU the sparse path's kernel depends on how the forward is launched (measured on an
+# H200 in bf16, SmolLM2's 210 modules, E = 8 to 256; docs/PERFORMANCE.md):
+# - launched op by op (eager): the fused Triton kernel, router, top-k and LoRA in one launch
+#   per module (``fused.add_routed_delta_``; PHATGOOSE and Arrow routers, up to
+#   FUSED_MAX_EXPERTS experts, with Triton), at every size: 2.7x faster than the unfused
+#   kernels at one token, 5x at 2048 (E = 64), and 2.4-4x faster than the dense path;
+# - replayed as a CUDA graph (``torch.compile``, ``torch.cuda.graph``), where launching costs
+#   nothing: the fused kernel up to FUSED_MAX_TOKENS tokens (2.1x faster than the unfused
+#   kernels at E = 64), then every expert's LoRA as the dense path computes it, up to
+#   GPU_DENSE_MAX_EXPERTS: a few large matmuls, 1.4x faster than the fused kernel, whose
+#   per-token gathers lose there, at 8 tokens and at 2048 (E = 64).
+# FUSED_ROUTING = False turns the fused kernel off; FUSED_ON_CPU runs it on CPU too (under
+# Triton's interpreter: the tests).
 FUSED_ROUTING = True
 FUSED_ON_CPU = False
+FUSED_MAX_TOKENS = 1
+GPU_DENSE_MAX_EXPERTS = 1024
 
 
 class RoutedLinear(nn.Module):
@@ -51,15 +63,16 @@ class RoutedLinear(nn.Module):
 
     Two paths compute the same thing:
     - ``dense`` (the reference; the only one for dense routers such as uniform mixing or gate
-      training; the default for top-k routers up to ``DENSE_MAX_EXPERTS`` experts): every
-      expert's r hidden units, scaled by its weight; one concatenated LoRA of rank E r. Never
-      forms a tokens x experts x d_out tensor.
-    - ``sparse`` (``TopKRouter``s, above that many experts):
-      only the k chosen experts run per token: k r (d_in + d_out) multiply-adds per token;
-      with few tokens by gathering their factors (in the stacks' dtype, outside autocast),
-      with many by sparse matmuls (CPU; a bf16 model's delta in fp32) or grouped matmuls over
-      (token, slot) pairs sorted by expert (other devices); on a GPU with Triton, PHATGOOSE and
-      Arrow routers instead run router, top-k and LoRA as one kernel (``routing.fused``).
+      training): every expert's r hidden units, scaled by its weight; one concatenated LoRA of
+      rank E r. Never forms a tokens x experts x d_out tensor.
+    - ``sparse`` (the default for ``TopKRouter``s): only the k chosen experts run per token,
+      k r (d_in + d_out) multiply-adds, by the kernel ``sparse_kernel`` picks for the tokens,
+      device and dtype: with few tokens, gathering their factors (in the stacks' dtype,
+      outside autocast); with many, sparse matmuls (CPU; a bf16 model's delta in fp32) or
+      grouped matmuls over (token, slot) pairs sorted by expert. Where it is faster, the dense
+      path's matmuls instead (up to ``DENSE_MAX_EXPERTS`` experts on CPU; on a GPU, more than
+      one token replayed as a CUDA graph). On a GPU, router, top-k and LoRA otherwise run as
+      one Triton kernel (``routing.fused``).
     Top-k routers project the input with one matmul, shared with sibling modules that read the
     same input (see ``SharedProjection``).
 
@@ -85,8 +98,8 @@ class RoutedLinear(nn.Module):
         self.num_experts, self.rank, self.d_out = A.shape[0], rank, d_out
         self.register_buffer("lora_A", A, persistent=False)
         self.register_buffer("lora_B", B, persistent=False)
-        sparse = isinstance(router, TopKRouter) and self.num_experts > DENSE_MAX_EXPERTS
-        self.path: Literal["sparse", "dense"] = "sparse" if sparse else "dense"
+        self.path: Literal["sparse", "dense"] = (
+            "sparse" if isinstance(router, TopKRouter) else "dense")
         self.shared: tuple[SharedProjection, int] | None = None
 
     @classmethod
@@ -135,13 +148,17 @@ class RoutedLinear(nn.Module):
         return x_scoring, self.router.project(x_scoring)
 
     def sparse_forward(self, x: Tensor) -> Tensor:
+        flat_x = x.reshape(-1, x.shape[-1])
+        kernel = self.sparse_kernel(flat_x.shape[0], flat_x.device.type, flat_x.dtype)
+        if kernel == "dense":
+            return self.base(x) + self.dense_delta(x)
         out = self.base(x).contiguous()  # added into in place, through a flat view
-        flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1, self.d_out)
-        if self.fused_kernel_applies(flat_x):
-            arrow = type(self.router) is ArrowRouter
+        flat_out = out.view(-1, self.d_out)
+        if kernel == "fused":
             fused.add_routed_delta_(
                 flat_x, flat_out, self.router.vectors, self.lora_A, self.lora_B,
-                self.router.top_k, arrow=arrow, eps=getattr(self.router, "eps", 1e-5),
+                self.router.top_k, arrow=type(self.router) is ArrowRouter,
+                eps=getattr(self.router, "eps", 1e-5),
                 temperature=getattr(self.router, "temperature", 1.0))
             return out
         # x in fp32 (or fp64): the router and a bf16 model's CPU delta read it
@@ -149,12 +166,11 @@ class RoutedLinear(nn.Module):
         x_scoring = x_scoring.reshape(flat_x.shape)
         weights, experts = self.router.select(projection.reshape(flat_x.shape[0], -1), x_scoring)
         n, k = experts.shape
-        if CPU_SPARSE_MATMULS and flat_x.device.type == "cpu" and not (
-                torch.compiler.is_compiling()) and n * k > GATHER_MAX_PAIRS:
+        if kernel == "sparse-matmul":
             return self._add_sparse_delta(
                 flat_x if flat_x.dtype in SPARSE_DTYPES else x_scoring, out, flat_out, weights,
                 experts)
-        if n * k <= GATHER_MAX_PAIRS:  # few tokens: gather the chosen experts' factors
+        if kernel == "gather":  # few tokens: gather the chosen experts' factors
             self._add_gathered_delta(flat_x, x_scoring, flat_out, weights, experts)
             return out
         weights = weights.to(x.dtype)
@@ -172,12 +188,24 @@ class RoutedLinear(nn.Module):
         flat_out.index_add_(0, token, grouped_matmul(hidden, self.lora_B, ends))
         return out
 
-    def fused_kernel_applies(self, x: Tensor) -> bool:
-        """Whether ``fused.add_routed_delta_`` computes this module's sparse path for ``x``."""
-        return (FUSED_ROUTING and fused.triton is not None and (x.is_cuda or FUSED_ON_CPU)
-                and type(self.router) in (PhatgooseRouter, ArrowRouter)
-                and self.num_experts <= fused.FUSED_MAX_EXPERTS
-                and x.dtype in fused.FUSED_DTYPES and self.lora_A.dtype in fused.FUSED_DTYPES)
+    def sparse_kernel(self, n_tokens: int, device: str, dtype: torch.dtype) -> str:
+        """The kernel that computes the sparse path for ``n_tokens`` tokens on ``device`` (a
+        device type) in ``dtype``: "fused", "dense", "gather", "sparse-matmul" or "grouped"."""
+        gpu = device == "cuda"
+        fusable = (FUSED_ROUTING and fused.triton is not None and (gpu or FUSED_ON_CPU)
+                   and type(self.router) in (PhatgooseRouter, ArrowRouter)
+                   and self.num_experts <= fused.FUSED_MAX_EXPERTS
+                   and dtype in fused.FUSED_DTYPES and self.lora_A.dtype in fused.FUSED_DTYPES)
+        if fusable and (n_tokens <= FUSED_MAX_TOKENS or not replayed(gpu)):
+            return "fused"
+        if self.num_experts <= (GPU_DENSE_MAX_EXPERTS if gpu else DENSE_MAX_EXPERTS):
+            return "dense"
+        pairs = n_tokens * min(self.router.top_k, self.num_experts)
+        if pairs <= GATHER_MAX_PAIRS:
+            return "gather"
+        if CPU_SPARSE_MATMULS and device == "cpu" and not torch.compiler.is_compiling():
+            return "sparse-matmul"
+        return "grouped"
 
     def _add_gathered_delta(self, flat_x: Tensor, x_scoring: Tensor, flat_out: Tensor,
                             weights: Tensor, experts: Tensor) -> None:
@@ -228,6 +256,13 @@ class RoutedLinear(nn.Module):
         else:  # accumulated in fp32, rounded once: torch's mixed-dtype add_ is 10x slower
             flat_out.copy_(flat_out.to(flat_x.dtype).addmm_(H, B.reshape(shape[1], -1)))
         return out
+
+
+def replayed(gpu: bool) -> bool:
+    """Whether this forward is being compiled (``torch.compile``) or captured into a CUDA
+    graph: it will be replayed without launching each kernel from Python."""
+    return torch.compiler.is_compiling() or (
+        gpu and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def grouped_matmul(x: Tensor, weights: Tensor, ends: Tensor) -> Tensor:
