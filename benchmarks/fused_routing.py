@@ -34,9 +34,10 @@ RANK, TOP_K = 8, 2
 # RoutedLinear.sparse_kernel picks (on a GPU: fused when eager; under a CUDA graph, fused for
 # one token, dense above)
 VARIANTS = ("base", "dense", "unfused", "fused", "default")
-# (TILE, DECODE_COLUMNS, NUM_WARPS) of routing.fused's tiling heuristic, tried by --sweep
-SWEEP = [(4096, 64, 4), (8192, 32, 4), (8192, 64, 4), (8192, 128, 4), (16384, 64, 8),
-         (16384, 128, 8)]
+# (TILE, DECODE_COLUMNS, NUM_WARPS, DECODE_BLOCK_T) of routing.fused's tiling heuristic, tried
+# by --sweep (the last two rows, one token per program when decoding, not yet measured)
+SWEEP = [(4096, 64, 4, None), (8192, 32, 4, None), (8192, 64, 4, None), (8192, 128, 4, None),
+         (16384, 64, 8, None), (16384, 128, 8, None), (8192, 64, 4, 1), (16384, 64, 8, 1)]
 
 
 class Block(nn.Module):
@@ -147,17 +148,21 @@ def sweep(model, x, experts: int, repeats: int, rows: list) -> None:
     from phatgoose.routing import fused
 
     configure(model, "fused")
-    default = (fused.TILE, fused.DECODE_COLUMNS, fused.NUM_WARPS)
-    for tile, columns, warps in SWEEP:
-        if x.shape[0] > fused.DECODE_TOKENS and columns != default[1]:
+    knobs = ("TILE", "DECODE_COLUMNS", "NUM_WARPS", "DECODE_BLOCK_T")
+    default = tuple(getattr(fused, k) for k in knobs)
+    for values in SWEEP:
+        decode_only = values[1] != default[1] or values[3] != default[3]
+        if x.shape[0] > fused.DECODE_TOKENS and decode_only:
             continue
-        fused.TILE, fused.DECODE_COLUMNS, fused.NUM_WARPS = tile, columns, warps
-        row = {"experts": experts, "tokens": x.shape[0], "variant": "fused", "tile": tile,
-               "decode_columns": columns, "num_warps": warps,
+        for knob, value in zip(knobs, values):
+            setattr(fused, knob, value)
+        row = {"experts": experts, "tokens": x.shape[0], "variant": "fused",
+               **{k.lower(): v for k, v in zip(knobs, values)},
                "graph_ms": graph_ms(model, x, 5 * repeats)}
         rows.append(row)
         print(row, flush=True)
-    fused.TILE, fused.DECODE_COLUMNS, fused.NUM_WARPS = default
+    for knob, value in zip(knobs, default):
+        setattr(fused, knob, value)
 
 
 def main() -> None:

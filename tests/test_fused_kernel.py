@@ -54,14 +54,18 @@ def make_router(kind: str, vectors: torch.Tensor, top_k: int):
 @pytest.mark.parametrize("kind", ["phatgoose", "arrow"])
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 @pytest.mark.parametrize("tokens", [1, 4, 40])  # x 2 sequences: decode tiles, 16-token tiles
-@pytest.mark.parametrize("tile", [256, fused.TILE])  # many narrow chunks; the default's
+@pytest.mark.parametrize("tile,block_t", [
+    (256, None), (fused.TILE, None),  # many narrow chunks; the default's
+    (fused.TILE, 1),  # one token per program when decoding
+])
 @torch.no_grad()
-def test_fused_kernel_equals_dense_reference(kind, top_k, tokens, tile, monkeypatch):
+def test_fused_kernel_equals_dense_reference(kind, top_k, tokens, tile, block_t, monkeypatch):
     """Scores, top-k, softmax and the LoRA of the chosen experts, against the dense path
     (every expert, weighted) and a loop over experts; with padded ranks (r = 1 to 6), a
     number of experts and widths that are no power of two and span several chunks and
     several programs' output columns."""
     monkeypatch.setattr(fused, "TILE", tile)
+    monkeypatch.setattr(fused, "DECODE_BLOCK_T", block_t)
     torch.manual_seed(10 * top_k + tokens)
     d_in, d_out, n_experts = 70, 150, 21
     assert d_out > 2 * fused.DECODE_COLUMNS

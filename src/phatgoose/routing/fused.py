@@ -53,6 +53,7 @@ class KernelConfig:
 # The tiling heuristic's knobs (benchmarks/fused_routing.py sweeps them on a GPU).
 DECODE_TOKENS = 8  # up to this many tokens: small token blocks, output columns split
 DECODE_COLUMNS = 64  # output columns per program when decoding
+DECODE_BLOCK_T: int | None = None  # tokens per program when decoding (None: all, up to 8)
 TILE = 8192  # elements per register tile (64 fp32 registers per thread at 4 warps)
 NUM_WARPS = 4
 
@@ -69,7 +70,7 @@ def kernel_config(n_tokens: int, d_in: int, d_out: int, e_pad: int, pairs: int) 
     """Tiles sized so that each loop runs few iterations (each waits on its loads) and each
     register tile holds about ``TILE`` elements; ``pairs`` = padded k x padded rank."""
     if n_tokens <= DECODE_TOKENS:
-        t = _pow2(n_tokens)
+        t = DECODE_BLOCK_T or _pow2(n_tokens)
         return KernelConfig(block_t=t, block_d=_clamp(TILE // (t * e_pad), 16, _pow2(d_in)),
                             block_a=_clamp(TILE // (t * pairs), 16, _pow2(d_in)),
                             block_o=_clamp(TILE // (t * pairs), 16, DECODE_COLUMNS),
