@@ -106,6 +106,24 @@ def test_fused_kernel_in_a_bf16_model_adds_the_fp32_delta_rounded_once():
     torch.testing.assert_close(out, expected, rtol=2**-7, atol=1e-3)
 
 
+@torch.no_grad()
+def test_fused_kernel_under_autocast_adds_the_fp32_delta_to_the_bf16_base_output():
+    """An fp32 model under bf16 autocast (evaluation's default on GPUs): the base layer runs in
+    bf16, the kernel reads the fp32 input and factors and adds the fp32 delta, rounded once."""
+    torch.manual_seed(7)
+    d_in, d_out, n_experts = 48, 40, 16
+    layer = routed_layer(d_in, d_out, [4] * n_experts,
+                         PhatgooseRouter(torch.randn(n_experts, d_in), 2))
+    x = torch.randn(9, d_in, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = layer(x)
+        base = layer.base(x)
+    assert out.dtype == base.dtype == torch.bfloat16
+    layer.path = "dense"
+    delta = layer(x) - layer.base(x)  # fp32, outside autocast
+    torch.testing.assert_close(out, (base.float() + delta).bfloat16(), rtol=2**-7, atol=1e-3)
+
+
 def test_fused_kernel_runs_only_what_it_computes(monkeypatch):
     """PHATGOOSE and Arrow routers up to FUSED_MAX_EXPERTS experts, in fp32, bf16 or fp16, with
     the kernel on (and, on CPU, asked for); nothing else (see also test_fast_path's
