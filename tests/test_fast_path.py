@@ -287,3 +287,27 @@ def test_an_fp64_model_routes_in_fp64_and_fp32_models_in_fp32():
     assert group.inputs(0, x.double())[1].dtype == torch.float64
     torch.testing.assert_close(group.inputs(1, x.double())[1],
                                layers[1].router.project(x.double()), atol=1e-12, rtol=1e-12)
+
+
+def test_a_fused_kernel_triton_cannot_run_falls_back_to_the_torch_kernels(monkeypatch):
+    """Triton refusing the kernel on a device (here: too little shared memory) turns the fused
+    kernel off with a warning, and the forward computes the same delta with another kernel."""
+    from triton.runtime.errors import OutOfResources
+
+    def refuse(*args, **kwargs):
+        raise OutOfResources(300_000, 232_448, "shared memory")
+
+    monkeypatch.setattr(container, "FUSED_ON_CPU", True)
+    monkeypatch.setattr(container, "FUSED_ROUTING", True)  # restored after the test
+    monkeypatch.setattr(container.fused, "add_routed_delta_", refuse)
+    torch.manual_seed(8)
+    layer = RoutedLinear.from_experts(nn.Linear(16, 12), experts(16, 12, [4] * 12),
+                                      PhatgooseRouter(torch.randn(12, 16), 2))
+    x = torch.randn(1, 16)
+    assert layer.sparse_kernel(1, "cpu", x.dtype) == "fused"
+    with pytest.warns(RuntimeWarning, match="fused routing kernel cannot run on cpu"):
+        out = layer(x)
+    assert container.FUSED_ROUTING is False  # not tried again
+    assert layer.sparse_kernel(1, "cpu", x.dtype) == "gather"
+    layer.path = "dense"
+    torch.testing.assert_close(out, layer(x), atol=1e-5, rtol=1e-5)

@@ -154,13 +154,10 @@ class RoutedLinear(nn.Module):
             return self.base(x) + self.dense_delta(x)
         out = self.base(x).contiguous()  # added into in place, through a flat view
         flat_out = out.view(-1, self.d_out)
-        if kernel == "fused":
-            fused.add_routed_delta_(
-                flat_x, flat_out, self.router.vectors, self.lora_A, self.lora_B,
-                self.router.top_k, arrow=type(self.router) is ArrowRouter,
-                eps=getattr(self.router, "eps", 1e-5),
-                temperature=getattr(self.router, "temperature", 1.0))
+        if kernel == "fused" and self._add_fused_delta(flat_x, flat_out):
             return out
+        if kernel == "fused":  # the kernel could not run here: the torch kernels instead
+            kernel = self.sparse_kernel(flat_x.shape[0], flat_x.device.type, flat_x.dtype)
         # x in fp32 (or fp64): the router and a bf16 model's CPU delta read it
         x_scoring, projection = self.routing_inputs(x)
         x_scoring = x_scoring.reshape(flat_x.shape)
@@ -187,6 +184,28 @@ class RoutedLinear(nn.Module):
         hidden = hidden * weights.reshape(-1, 1).index_select(0, order)
         flat_out.index_add_(0, token, grouped_matmul(hidden, self.lora_B, ends))
         return out
+
+    def _add_fused_delta(self, flat_x: Tensor, flat_out: Tensor) -> bool:
+        """flat_out += the delta by the fused kernel; False if Triton could not compile or
+        launch it on this device (an unsupported GPU, say), which then turns it off for the
+        process, with a warning, rather than failing the forward. Such errors come before the
+        kernel writes anything."""
+        global FUSED_ROUTING
+        try:
+            fused.add_routed_delta_(
+                flat_x, flat_out, self.router.vectors, self.lora_A, self.lora_B,
+                self.router.top_k, arrow=type(self.router) is ArrowRouter,
+                eps=getattr(self.router, "eps", 1e-5),
+                temperature=getattr(self.router, "temperature", 1.0))
+            return True
+        except fused.KERNEL_ERRORS as err:
+            if torch.compiler.is_compiling():
+                raise
+            FUSED_ROUTING = False
+            warnings.warn(f"the fused routing kernel cannot run on {flat_x.device} "
+                          f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); routing "
+                          "with the torch kernels instead", RuntimeWarning, stacklevel=3)
+            return False
 
     def sparse_kernel(self, n_tokens: int, device: str, dtype: torch.dtype) -> str:
         """The kernel that computes the sparse path for ``n_tokens`` tokens on ``device`` (a

@@ -32,8 +32,15 @@ FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 try:
     import triton
     import triton.language as tl
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
+    # what Triton raises when it cannot compile or launch the kernel on a device (the routed
+    # module then falls back to the torch kernels, see RoutedLinear._add_fused_delta)
+    KERNEL_ERRORS: tuple[type[Exception], ...] = (CompilationError, OutOfResources)
 except ImportError:
     triton = None
+    KERNEL_ERRORS = ()
 
 
 @dataclass(frozen=True)
