@@ -289,25 +289,42 @@ def test_an_fp64_model_routes_in_fp64_and_fp32_models_in_fp32():
                                layers[1].router.project(x.double()), atol=1e-12, rtol=1e-12)
 
 
-def test_a_fused_kernel_triton_cannot_run_falls_back_to_the_torch_kernels(monkeypatch):
+@pytest.mark.parametrize("n_experts,then", [(12, "gather"), (4, "dense")])
+def test_a_fused_kernel_triton_cannot_run_falls_back_to_the_torch_kernels(
+        n_experts, then, monkeypatch):
     """Triton refusing the kernel on a device (here: too little shared memory) turns the fused
-    kernel off with a warning, and the forward computes the same delta with another kernel."""
+    kernel off with a warning, and the forward computes the same delta with the kernel chosen
+    without it (from the first call on)."""
     from triton.runtime.errors import OutOfResources
 
     def refuse(*args, **kwargs):
         raise OutOfResources(300_000, 232_448, "shared memory")
 
+    def unused(*args, **kwargs):
+        raise AssertionError(f"the {then} kernel should run")
+
     monkeypatch.setattr(container, "FUSED_ON_CPU", True)
     monkeypatch.setattr(container, "FUSED_ROUTING", True)  # restored after the test
     monkeypatch.setattr(container.fused, "add_routed_delta_", refuse)
+    monkeypatch.setattr(container, "grouped_matmul", unused)
+    monkeypatch.setattr(RoutedLinear, "_add_sparse_delta", unused)
+    if then == "dense":
+        monkeypatch.setattr(RoutedLinear, "_add_gathered_delta", unused)
     torch.manual_seed(8)
-    layer = RoutedLinear.from_experts(nn.Linear(16, 12), experts(16, 12, [4] * 12),
-                                      PhatgooseRouter(torch.randn(12, 16), 2))
+    layer = RoutedLinear.from_experts(nn.Linear(16, 12), experts(16, 12, [4] * n_experts),
+                                      PhatgooseRouter(torch.randn(n_experts, 16), 2))
     x = torch.randn(1, 16)
     assert layer.sparse_kernel(1, "cpu", x.dtype) == "fused"
     with pytest.warns(RuntimeWarning, match="fused routing kernel cannot run on cpu"):
         out = layer(x)
     assert container.FUSED_ROUTING is False  # not tried again
-    assert layer.sparse_kernel(1, "cpu", x.dtype) == "gather"
+    assert layer.sparse_kernel(1, "cpu", x.dtype) == then
     layer.path = "dense"
     torch.testing.assert_close(out, layer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_top_k_routers_refuse_fewer_than_one_expert_per_token():
+    with pytest.raises(ValueError, match="top_k must be at least 1"):
+        PhatgooseRouter(torch.randn(4, 8), top_k=0)
+    with pytest.raises(ValueError, match="top_k must be at least 1"):
+        ArrowRouter(torch.randn(4, 8), top_k=0)

@@ -33,6 +33,7 @@ def fused_kernel_only(monkeypatch):
         raise AssertionError("the fused kernel should have run")
 
     monkeypatch.setattr(container, "FUSED_ON_CPU", True)
+    monkeypatch.setattr(container, "FUSED_ROUTING", True)  # restored, should a test turn it off
     monkeypatch.setattr(container, "FUSED_MAX_TOKENS", 10**6)  # every size (default: 1)
     for kernel in ("_add_gathered_delta", "_add_sparse_delta"):
         monkeypatch.setattr(RoutedLinear, kernel, unused)
@@ -89,6 +90,31 @@ def test_fused_kernel_equals_dense_reference(kind, top_k, tokens, tile, block_t,
 
 
 @torch.no_grad()
+def test_fused_kernel_reads_unpacked_vectors_and_inputs_with_a_large_mean():
+    """Arrow prototypes given as a transposed view (not packed in memory), and PHATGOOSE inputs
+    whose mean is 3000 times their spread (sigma_x must not cancel): the dense path's output."""
+    torch.manual_seed(9)
+    d_in, d_out, n_experts = 40, 24, 20
+    prototypes = torch.randn(d_in, n_experts).T
+    arrow = routed_layer(d_in, d_out, [4] * n_experts, ArrowRouter(prototypes, 2))
+    assert not arrow.router.vectors.is_contiguous()
+    phatgoose = routed_layer(d_in, d_out, [4] * n_experts,
+                             PhatgooseRouter(torch.randn(n_experts, d_in), 2))
+    # at a mean of 3000 the folded projection x . v~ itself cancels in fp32 (in both paths, in
+    # different orders): the mixing weights agree to about 1e-3, hence the looser tolerance
+    # there; a sigma_x computed as E[x^2] - mean^2 was off 300-fold (every weight 0 or 1)
+    for layer, x, tolerance in ((arrow, torch.randn(5, d_in), 1e-4),
+                                (phatgoose, torch.randn(5, d_in) + 3000, 1e-2)):
+        x = x.to(DEVICE)
+        fused_out = layer(x)
+        layer.path = "dense"
+        dense = layer(x)
+        delta = (dense - layer.base(x)).abs().max()
+        torch.testing.assert_close(fused_out - layer.base(x), dense - layer.base(x),
+                                   atol=tolerance * float(delta), rtol=0)
+
+
+@torch.no_grad()
 def test_fused_kernel_in_a_bf16_model_adds_the_fp32_delta_rounded_once():
     """A bf16 model: routed in fp32 as the torch paths do, the delta accumulated in fp32 and
     added to the bf16 base output with one rounding."""
@@ -139,6 +165,7 @@ def test_fused_kernel_runs_only_what_it_computes(monkeypatch):
     assert uniform.path == "dense"  # a dense router never reaches the sparse kernels
     assert kernel(phatgoose) == kernel(arrow) == kernel(phatgoose, torch.bfloat16) == "fused"
     assert kernel(phatgoose, torch.float64) != "fused"
+    assert phatgoose.sparse_kernel(1, "mps", torch.float32) != "fused"  # CUDA (or asked: CPU)
     assert kernel(too_many) != "fused"
     monkeypatch.setattr(container, "FUSED_ROUTING", False)
     assert kernel(phatgoose) != "fused"

@@ -359,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="base, phatgoose, average-activation, retrieval, arrow, uniform, "
                    "merged-delta, merged-factors, single:<expert>, oracle, phatgoose@k<K> "
                    "(default: base phatgoose)")
-    p.add_argument("--top-k", type=int, default=2, help="experts per token (default: 2)")
+    p.add_argument("--top-k", type=_at_least_one, default=2,
+                   help="experts per token (default: 2)")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="Arrow's softmax temperature (default: 1.0)")
     p.add_argument("--split", choices=["train", "validation", "test"], default="test")
@@ -405,6 +406,13 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.
                 action.required = False
         target.set_defaults(**values)
     return parser.parse_args(argv)
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,11 +33,11 @@ try:
     import triton
     import triton.language as tl
     from triton.compiler.errors import CompilationError
-    from triton.runtime.errors import OutOfResources
+    from triton.runtime.errors import OutOfResources, PTXASError
 
     # what Triton raises when it cannot compile or launch the kernel on a device (the routed
     # module then falls back to the torch kernels, see RoutedLinear._add_fused_delta)
-    KERNEL_ERRORS: tuple[type[Exception], ...] = (CompilationError, OutOfResources)
+    KERNEL_ERRORS: tuple[type[Exception], ...] = (CompilationError, OutOfResources, PTXASError)
 except ImportError:
     triton = None
     KERNEL_ERRORS = ()
@@ -76,6 +76,9 @@ def _clamp(n: int, low: int, high: int) -> int:
 def kernel_config(n_tokens: int, d_in: int, d_out: int, e_pad: int, pairs: int) -> KernelConfig:
     """Tiles sized so that each loop runs few iterations (each waits on its loads) and each
     register tile holds about ``TILE`` elements; ``pairs`` = padded k x padded rank."""
+    for knob in (TILE, DECODE_COLUMNS, DECODE_BLOCK_T or 1):
+        if knob != _pow2(knob):
+            raise ValueError(f"the fused kernel's tiling knobs must be powers of two, got {knob}")
     if n_tokens <= DECODE_TOKENS:
         t = DECODE_BLOCK_T or _pow2(n_tokens)
         return KernelConfig(block_t=t, block_d=_clamp(TILE // (t * e_pad), 16, _pow2(d_in)),
@@ -101,16 +104,20 @@ if triton is not None:
     ):
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         row_ok = rows < n_tokens
+        rows = rows.to(tl.int64)  # offsets past 2^31 elements
         experts = tl.arange(0, E_PAD)
 
-        # scores: x . v for every expert, in fp32; x's first two moments in the same pass
+        # scores: x . v for every expert, in fp32; in the same pass, the first two moments of
+        # x - x_0 (shifted by each row's first element, so that a large mean does not cancel)
+        shift = tl.load(x_ptr + rows * x_stride, mask=row_ok, other=0.0).to(tl.float32)
         dots = tl.zeros((BLOCK_T, E_PAD), dtype=tl.float32)
         total = tl.zeros((BLOCK_T,), dtype=tl.float32)
         squares = tl.zeros((BLOCK_T,), dtype=tl.float32)
         for start in range(0, D_IN, BLOCK_D):
             d = start + tl.arange(0, BLOCK_D)
+            inside = row_ok[:, None] & (d[None, :] < D_IN)
             x = tl.load(x_ptr + rows[:, None] * x_stride + d[None, :],
-                        mask=row_ok[:, None] & (d[None, :] < D_IN), other=0.0).to(tl.float32)
+                        mask=inside, other=0.0).to(tl.float32)
             v = tl.load(v_ptr + experts[None, :] * D_IN + d[:, None],
                         mask=(experts[None, :] < n_experts) & (d[:, None] < D_IN),
                         other=0.0).to(tl.float32)
@@ -118,13 +125,14 @@ if triton is not None:
                 dots += tl.dot(x, v, input_precision="ieee")
             else:
                 dots += tl.sum(x[:, :, None] * v[None, :, :], axis=1)
-            total += tl.sum(x, axis=1)
-            squares += tl.sum(x * x, axis=1)
+            shifted = tl.where(inside, x - shift[:, None], 0.0)
+            total += tl.sum(shifted, axis=1)
+            squares += tl.sum(shifted * shifted, axis=1)
         if ARROW:
             scores = tl.abs(dots) * scale
         else:  # 1 / sigma_x, LayerNorm's (biased variance plus eps); a per-token scale, so
             # its rounding never changes which experts are chosen
-            mean = total / D_IN
+            mean = total / D_IN  # of x - x_0
             variance = tl.maximum(squares / D_IN - mean * mean, 0.0)
             scores = dots * (scale / tl.sqrt(variance + eps))[:, None]
         scores = tl.where(experts[None, :] < n_experts, scores, float("-inf"))
@@ -186,7 +194,10 @@ def add_routed_delta_(
     dtype (``out``'s). Routes as ``PhatgooseRouter``/``ArrowRouter`` then the sparse path do."""
     n, d_in = x.shape
     n_experts, rank, d_out = lora_B.shape
-    x, lora_A, lora_B = x.contiguous(), lora_A.contiguous(), lora_B.contiguous()  # no-ops
+    # the kernel reads rows of x at a stride, every other tensor packed (no-ops when they are)
+    vectors, lora_A, lora_B = vectors.contiguous(), lora_A.contiguous(), lora_B.contiguous()
+    if x.stride(1) != 1:
+        x = x.contiguous()
     k = min(top_k, n_experts)
     k_pad, r_pad, e_pad = _pow2(k), _pow2(rank), max(16, _pow2(n_experts))
     config = kernel_config(n, d_in, d_out, e_pad, k_pad * r_pad)

@@ -45,6 +45,11 @@ def top_k_softmax(scores: Tensor, k: int) -> Tensor:
     return torch.zeros_like(scores, dtype=weights.dtype).scatter(-1, indices, weights)
 
 
+def check_top_k(top_k: int) -> None:
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1 (experts per token), got {top_k}")
+
+
 class TopKRouter(nn.Module):
     """A router that scores the E experts from one matmul of the input with its ``vectors``
     (E, d_in) (``project``, which routed modules may share, see ``SharedProjection``) and keeps
@@ -83,6 +88,7 @@ class PhatgooseRouter(TopKRouter):
         super().__init__()
         if vectors.ndim != 2:
             raise ValueError(f"routing vectors must be (experts, d_in), got {tuple(vectors.shape)}")
+        check_top_k(top_k)
         self.top_k = top_k
         self.eps = eps
         self.register_buffer("vectors", standardise(vectors.float(), eps))
@@ -132,6 +138,7 @@ class ArrowRouter(TopKRouter):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"Arrow temperature must be positive, got {temperature}")
+        check_top_k(top_k)
         self.top_k, self.temperature = top_k, temperature
         self.register_buffer("vectors", prototypes.float())
 
