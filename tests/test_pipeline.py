@@ -152,6 +152,15 @@ def test_pipeline_runs_every_method_and_resumes(tokenizer, tmp_path, monkeypatch
     assert accuracy == rows["base"]["tasks"]["held"]["accuracy"] and low <= accuracy <= high
 
 
+def test_a_config_asking_for_fewer_than_one_expert_per_token_is_refused():
+    base = {"experts": ["a.jsonl"]}
+    assert PipelineConfig.from_dict({**base, "top_k": 1, "top_k_ablation": [1, 4]}).top_k == 1
+    with pytest.raises(PhatgooseError, match="must be at least 1.*got 0"):
+        PipelineConfig.from_dict({**base, "top_k": 0})
+    with pytest.raises(PhatgooseError, match="must be at least 1.*got -1"):
+        PipelineConfig.from_dict({**base, "top_k_ablation": [2, -1]})
+
+
 def test_expert_overrides_change_one_recipe_and_bad_ones_are_refused():
     base = {"experts": ["a.jsonl", "b.jsonl"], "expert": {"steps": 300, "lr": 1e-3}}
     config = PipelineConfig.from_dict({**base, "expert_overrides": {"b.jsonl": {"steps": 600}}})

@@ -126,6 +126,10 @@ class PipelineConfig:
                                          f"known: {sorted(sub_known)}")
                 kwargs[key] = kind(**(kwargs[key] or {}))
         config = cls(**kwargs)
+        bad_k = [k for k in [config.top_k, *config.top_k_ablation] if k < 1]
+        if bad_k:
+            raise PhatgooseError(f"top_k and top_k_ablation must be at least 1 (experts per "
+                                 f"token), got {bad_k[0]}")
         device = resolve_device(config.device)  # a device this machine lacks fails here
         for section in (config.expert, config.gate, config.eval):
             # bf16 unset: the faster mode of this device, fixed before anything is cached
