@@ -151,18 +151,16 @@ class RoutedLinear(nn.Module):
         return x_scoring, self.router.project(x_scoring)
 
     def sparse_forward(self, x: Tensor) -> Tensor:
-        flat_x = x.reshape(-1, x.shape[-1])
+        out = self.base(x).contiguous()  # added into in place, through a flat view
+        flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1, self.d_out)
         kernel = self.sparse_kernel(flat_x.shape[0], flat_x.device.type, flat_x.dtype)
         if kernel == "fused":
-            out = self.base(x).contiguous()  # added into in place, through a flat view
-            if self._add_fused_delta(flat_x, out.view(-1, self.d_out)):
+            if self._add_fused_delta(flat_x, flat_out):
                 return out
             # Triton could not run it here (and it is now off): choose again
             kernel = self.sparse_kernel(flat_x.shape[0], flat_x.device.type, flat_x.dtype)
         if kernel == "dense":
-            return self.base(x) + self.dense_delta(x)
-        out = self.base(x).contiguous()
-        flat_out = out.view(-1, self.d_out)
+            return out + self.dense_delta(x)
         # x in fp32 (or fp64): the router and a bf16 model's CPU delta read it
         x_scoring, projection = self.routing_inputs(x)
         x_scoring = x_scoring.reshape(flat_x.shape)
