@@ -25,6 +25,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from routed_inference import timed
 from torch import nn
 
 SMOLLM2 = dict(d=576, kv=192, ff=1536)
@@ -90,34 +91,30 @@ def route(model: nn.Sequential, experts: int) -> None:
     share_projections({n: m for n, m in model.named_modules() if isinstance(m, RoutedLinear)})
 
 
-def configure(model: nn.Module, variant: str) -> None:
+# the container's kernel choice, as the "default" variant restores it (read in main)
+KERNEL_CHOICE = ("FUSED_MAX_TOKENS", "GPU_DENSE_MAX_EXPERTS", "DENSE_MAX_EXPERTS")
+
+
+def configure(model: nn.Module, variant: str, defaults: dict[str, int] | None = None) -> None:
+    """Set ``variant``'s kernel choice; "default" restores ``defaults`` (the container's own
+    ``KERNEL_CHOICE`` settings)."""
     from phatgoose.routing import RoutedLinear, container
 
-    default = variant == "default"
     container.FUSED_ROUTING = variant in ("fused", "default")
-    container.FUSED_MAX_TOKENS = 1 if default else 10**9
-    container.GPU_DENSE_MAX_EXPERTS = 1024 if default else 0
-    container.DENSE_MAX_EXPERTS = 8 if default else 0
+    if variant == "default":
+        for knob, value in defaults.items():
+            setattr(container, knob, value)
+    else:  # the fused kernel at every size (when on), never every expert on the sparse path
+        container.FUSED_MAX_TOKENS = 10**9
+        container.GPU_DENSE_MAX_EXPERTS = container.DENSE_MAX_EXPERTS = 0
     for m in model.modules():
         if isinstance(m, RoutedLinear):
             m.path = "dense" if variant == "dense" else "sparse"
 
 
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def eager_ms(model, x, repeats: int, device: str) -> float:
-    model(x)
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        model(x)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times)[len(times) // 2]
+    """Median milliseconds of ``repeats`` forwards after one warm-up."""
+    return 1e3 * timed(lambda: model(x), repeats, device)
 
 
 def graph_ms(model, x, replays: int) -> float:
@@ -184,6 +181,7 @@ def main() -> None:
 
     if args.device == "cpu":
         container.FUSED_ON_CPU = True
+    defaults = {knob: getattr(container, knob) for knob in KERNEL_CHOICE}
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     graphs = args.device == "cuda"
     results = {"device": torch.cuda.get_device_name() if graphs else "cpu",
@@ -206,7 +204,7 @@ def main() -> None:
                 x = torch.randn(tokens, SMOLLM2["d"], device=args.device, dtype=dtype)
                 outputs = {}
                 for variant in VARIANTS[1:]:
-                    configure(model, variant)
+                    configure(model, variant, defaults)
                     outputs[variant] = model(x).float()
                     row = {"experts": experts, "tokens": tokens, "variant": variant,
                            "eager_ms": eager_ms(model, x, args.repeats, args.device)}
