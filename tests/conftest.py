@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from phatgoose.data.tasks import Example
+from phatgoose.library.expert import LoraWeights
 from phatgoose.models.base import wrap_model
 
 CORPUS = [
@@ -108,6 +109,12 @@ def toy_examples(n: int = 24, seed: int = 0) -> list[Example]:
                 else "blue",), choices=("red", "blue"))
         for i in range(n)
     ]
+
+
+def random_loras(d_in: int, d_out: int, ranks: list[int]) -> list[LoraWeights]:
+    """Random LoRA experts for one d_in -> d_out layer, of these ranks, scalings 0.5, 1.5, ..."""
+    return [LoraWeights(torch.randn(r, d_in), torch.randn(d_out, r), 0.5 + i)
+            for i, r in enumerate(ranks)]
 
 
 def random_expert(base, out, seed: int, task: str | None = None, rank: int = 4):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_expert
+from conftest import random_expert, random_loras
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -15,7 +15,6 @@ from phatgoose.library import ExpertLibrary
 from phatgoose.routing import (
     ArrowRouter,
     FixedWeights,
-    LoraWeights,
     PhatgooseRouter,
     RoutedLinear,
     container,
@@ -25,11 +24,6 @@ from phatgoose.routing import (
     unroute,
 )
 from phatgoose.routing.container import SharedProjection, grouped_matmul
-
-
-def experts(d_in: int, d_out: int, ranks: list[int]) -> list[LoraWeights]:
-    return [LoraWeights(torch.randn(r, d_in), torch.randn(d_out, r), 0.5 + i)
-            for i, r in enumerate(ranks)]
 
 
 def test_folded_standardisation_equals_layernorm_of_both_sides():
@@ -64,7 +58,7 @@ def test_sparse_path_equals_dense_reference(kind, top_k, tokens, kernel, monkeyp
         monkeypatch.setattr(container, "grouped_matmul", unused)
     torch.manual_seed(top_k + tokens)
     d_in, d_out, n_experts = 24, 20, 9
-    weights = experts(d_in, d_out, [4, 2, 4, 3, 4, 1, 4, 4, 2])
+    weights = random_loras(d_in, d_out, [4, 2, 4, 3, 4, 1, 4, 4, 2])
     vectors = torch.randn(n_experts, d_in)
     router = PhatgooseRouter(vectors, top_k) if kind == "phatgoose" else ArrowRouter(
         vectors, top_k, temperature=0.5)
@@ -96,7 +90,7 @@ def test_bf16_model_on_cpu_runs_many_tokens_as_sparse_matmuls_in_fp32(monkeypatc
     monkeypatch.setattr(container, "grouped_matmul", unused)
     torch.manual_seed(3)
     d_in, d_out, n_experts = 32, 24, 12
-    weights = experts(d_in, d_out, [4] * n_experts)
+    weights = random_loras(d_in, d_out, [4] * n_experts)
     layer = RoutedLinear.from_experts(nn.Linear(d_in, d_out), weights,
                                       PhatgooseRouter(torch.randn(n_experts, d_in), 2))
     layer.path = "sparse"
@@ -132,7 +126,7 @@ def test_fp32_model_under_autocast_gathers_the_delta_of_few_tokens_in_fp32():
     rounded once to bf16."""
     torch.manual_seed(4)
     d_in, d_out, n_experts = 32, 24, 12
-    weights = experts(d_in, d_out, [4] * n_experts)
+    weights = random_loras(d_in, d_out, [4] * n_experts)
     router = PhatgooseRouter(torch.randn(n_experts, d_in), 2)
     layer = RoutedLinear.from_experts(nn.Linear(d_in, d_out), weights, router)
     assert layer.path == "sparse"
@@ -152,7 +146,7 @@ def test_fp32_model_under_autocast_gathers_the_delta_of_few_tokens_in_fp32():
 def test_top_k_routers_take_the_sparse_path_whose_kernel_depends_on_tokens_and_device(
         monkeypatch):
     def make(n, router):
-        return RoutedLinear.from_experts(nn.Linear(8, 6), experts(8, 6, [2] * n), router)
+        return RoutedLinear.from_experts(nn.Linear(8, 6), random_loras(8, 6, [2] * n), router)
 
     few, many = container.DENSE_MAX_EXPERTS, container.DENSE_MAX_EXPERTS + 1
     phatgoose = make(many, PhatgooseRouter(torch.randn(many, 8), 2))
@@ -185,7 +179,7 @@ def test_top_k_routers_take_the_sparse_path_whose_kernel_depends_on_tokens_and_d
 
 def test_sparse_path_keeps_batch_shape_and_dtype():
     torch.manual_seed(1)
-    layer = RoutedLinear.from_experts(nn.Linear(8, 6), experts(8, 6, [2] * 12),
+    layer = RoutedLinear.from_experts(nn.Linear(8, 6), random_loras(8, 6, [2] * 12),
                                       PhatgooseRouter(torch.randn(12, 8), 2))
     layer.path = "sparse"
     x = torch.randn(2, 40, 8)
@@ -212,7 +206,7 @@ def test_grouped_matmul_and_its_fallback_equal_a_loop(monkeypatch):
 @pytest.mark.parametrize("path", ["dense", "sparse"])
 def test_shared_projection_reuses_one_matmul_only_for_the_same_input(path):
     torch.manual_seed(3)
-    layers = [RoutedLinear.from_experts(nn.Linear(8, 5), experts(8, 5, [2] * 12),
+    layers = [RoutedLinear.from_experts(nn.Linear(8, 5), random_loras(8, 5, [2] * 12),
                                         PhatgooseRouter(torch.randn(12, 8), 2))
               for _ in range(3)]  # more than DENSE_MAX_EXPERTS: the sparse kernels
     for layer in layers:
@@ -233,7 +227,7 @@ def test_shared_projection_reuses_one_matmul_only_for_the_same_input(path):
 
 def test_shared_projection_converts_a_bf16_input_to_fp32_once_for_all_members():
     torch.manual_seed(3)
-    layers = [RoutedLinear.from_experts(nn.Linear(8, 5), experts(8, 5, [2] * 12),
+    layers = [RoutedLinear.from_experts(nn.Linear(8, 5), random_loras(8, 5, [2] * 12),
                                         PhatgooseRouter(torch.randn(12, 8), 2)).bfloat16()
               for _ in range(3)]
     group = SharedProjection(layers)
@@ -280,7 +274,7 @@ def test_an_fp64_model_routes_in_fp64_and_fp32_models_in_fp32():
     v = router.vectors  # stored standardised when the router was made, so summing to ~0
     torch.testing.assert_close(scores, x.double() @ v.T / sigma / math.sqrt(8), atol=1e-12,
                                rtol=1e-12)
-    layers = [RoutedLinear.from_experts(nn.Linear(8, 5), experts(8, 5, [2] * 12),
+    layers = [RoutedLinear.from_experts(nn.Linear(8, 5), random_loras(8, 5, [2] * 12),
                                         PhatgooseRouter(torch.randn(12, 8), 2)).double()
               for _ in range(2)]
     group = SharedProjection(layers)
@@ -311,7 +305,7 @@ def test_a_fused_kernel_triton_cannot_run_falls_back_to_the_torch_kernels(
     if then == "dense":
         monkeypatch.setattr(RoutedLinear, "_add_gathered_delta", unused)
     torch.manual_seed(8)
-    layer = RoutedLinear.from_experts(nn.Linear(16, 12), experts(16, 12, [4] * n_experts),
+    layer = RoutedLinear.from_experts(nn.Linear(16, 12), random_loras(16, 12, [4] * n_experts),
                                       PhatgooseRouter(torch.randn(n_experts, 16), 2))
     x = torch.randn(1, 16)
     assert layer.sparse_kernel(1, "cpu", x.dtype) == "fused"

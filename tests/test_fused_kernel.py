@@ -6,14 +6,13 @@ import copy
 
 import pytest
 import torch
-from conftest import random_expert
+from conftest import random_expert, random_loras
 from torch import nn
 
 from phatgoose.library import ExpertLibrary
 from phatgoose.routing import (
     ArrowRouter,
     FixedWeights,
-    LoraWeights,
     PhatgooseRouter,
     RoutedLinear,
     container,
@@ -41,9 +40,8 @@ def fused_kernel_only(monkeypatch):
 
 
 def routed_layer(d_in, d_out, ranks, router) -> RoutedLinear:
-    weights = [LoraWeights(torch.randn(r, d_in), torch.randn(d_out, r), 0.5 + i)
-               for i, r in enumerate(ranks)]
-    return RoutedLinear.from_experts(nn.Linear(d_in, d_out), weights, router).to(DEVICE)
+    return RoutedLinear.from_experts(nn.Linear(d_in, d_out), random_loras(d_in, d_out, ranks),
+                                     router).to(DEVICE)
 
 
 def make_router(kind: str, vectors: torch.Tensor, top_k: int):
