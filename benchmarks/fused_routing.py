@@ -36,9 +36,10 @@ RANK, TOP_K = 8, 2
 # one token, dense above)
 VARIANTS = ("base", "dense", "unfused", "fused", "default")
 # (TILE, DECODE_COLUMNS, NUM_WARPS, DECODE_BLOCK_T) of routing.fused's tiling heuristic, tried
-# by --sweep (the last two rows, one token per program when decoding, not yet measured)
-SWEEP = [(4096, 64, 4, None), (8192, 32, 4, None), (8192, 64, 4, None), (8192, 128, 4, None),
-         (16384, 64, 8, None), (16384, 128, 8, None), (8192, 64, 4, 1), (16384, 64, 8, 1)]
+# by --sweep (the default is 16384, 64, 8, 1; DECODE_BLOCK_T None: all of a step's tokens in
+# one program)
+SWEEP = [(8192, 64, 4, None), (8192, 64, 4, 1), (16384, 64, 8, None), (16384, 64, 8, 1),
+         (16384, 128, 8, 1), (32768, 64, 8, 1), (32768, 64, 16, 1)]
 
 
 class Block(nn.Module):

@@ -169,10 +169,12 @@ def test_top_k_routers_take_the_sparse_path_whose_kernel_depends_on_tokens_and_d
     routed = make(huge, PhatgooseRouter(torch.randn(huge, 8), 2))
     assert routed.sparse_kernel(1, "cuda", bf16) == "gather"  # above FUSED_MAX_EXPERTS too
     assert routed.sparse_kernel(2048, "cuda", bf16) == "grouped"
-    # GPU, compiled or captured into a CUDA graph: fused for one token, then every expert
+    # GPU, compiled or captured into a CUDA graph: fused for a decoding step (up to 8 tokens:
+    # a batch of 8), then every expert
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert phatgoose.sparse_kernel(1, "cuda", bf16) == "fused"
-    assert phatgoose.sparse_kernel(2, "cuda", bf16) == "dense"
+    assert phatgoose.sparse_kernel(8, "cuda", bf16) == "fused"
+    assert phatgoose.sparse_kernel(9, "cuda", bf16) == "dense"
     monkeypatch.setattr(container, "FUSED_ROUTING", False)
     assert phatgoose.sparse_kernel(1, "cuda", bf16) == "dense"
 

@@ -33,7 +33,7 @@ def fused_kernel_only(monkeypatch):
 
     monkeypatch.setattr(container, "FUSED_ON_CPU", True)
     monkeypatch.setattr(container, "FUSED_ROUTING", True)  # restored, should a test turn it off
-    monkeypatch.setattr(container, "FUSED_MAX_TOKENS", 10**6)  # every size (default: 1)
+    monkeypatch.setattr(container, "FUSED_MAX_TOKENS", 10**6)  # every size (default: decoding only)
     for kernel in ("_add_gathered_delta", "_add_sparse_delta"):
         monkeypatch.setattr(RoutedLinear, kernel, unused)
     monkeypatch.setattr(container, "grouped_matmul", unused)
@@ -54,8 +54,9 @@ def make_router(kind: str, vectors: torch.Tensor, top_k: int):
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 @pytest.mark.parametrize("tokens", [1, 4, 40])  # x 2 sequences: decode tiles, 16-token tiles
 @pytest.mark.parametrize("tile,block_t", [
-    (256, None), (fused.TILE, None),  # many narrow chunks; the default's
-    (fused.TILE, 1),  # one token per program when decoding
+    (256, 1),  # many narrow chunks
+    (fused.TILE, None),  # all of a decoding step's tokens in one program
+    (fused.TILE, 1),  # the default: one token per program when decoding
 ])
 @torch.no_grad()
 def test_fused_kernel_equals_dense_reference(kind, top_k, tokens, tile, block_t, monkeypatch):

@@ -54,7 +54,7 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta"
 # Triton's interpreter: the tests).
 FUSED_ROUTING = True
 FUSED_ON_CPU = False
-FUSED_MAX_TOKENS = 1
+FUSED_MAX_TOKENS = fused.DECODE_TOKENS
 GPU_DENSE_MAX_EXPERTS = 1024
 
 
