@@ -43,10 +43,10 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta"
 #   FUSED_MAX_EXPERTS experts, with Triton), at every size: 2.7x faster than the unfused
 #   kernels at one token, 5x at 2048 (E = 64), and 2.4-4x faster than the dense path;
 # - replayed as a CUDA graph (``torch.compile``, ``torch.cuda.graph``), where launching costs
-#   nothing: the fused kernel up to FUSED_MAX_TOKENS tokens (2.1x faster than the unfused
-#   kernels at E = 64), then every expert's LoRA as the dense path computes it, up to
-#   GPU_DENSE_MAX_EXPERTS: a few large matmuls, 1.4x faster than the fused kernel, whose
-#   per-token gathers lose there, at 8 tokens and at 2048 (E = 64).
+#   nothing: the fused kernel for a decoding step (up to FUSED_MAX_TOKENS tokens, one token
+#   per program: 2.3x faster than the unfused kernels at one token and 3.7x at 8, E = 64),
+#   then every expert's LoRA as the dense path computes it, up to GPU_DENSE_MAX_EXPERTS: a
+#   few large matmuls, 1.5x faster than the fused kernel at 2048 tokens (E = 64).
 # Where the fused kernel does not apply (no Triton, fp64, other routers, more experts), a GPU
 # computes every expert up to GPU_DENSE_MAX_EXPERTS, eager too: faster than the unfused sparse
 # kernels at every size measured (eager, E = 256: 1.1-1.8x; E = 1024, prefill: 21x).
