@@ -21,12 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
-import torch.nn.functional as F
-from routed_inference import timed
-from torch import nn
+
+if not torch.cuda.is_available() or "cpu" in sys.argv:  # before anything imports phatgoose
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.nn.functional as F  # noqa: E402
+from routed_inference import timed  # noqa: E402
+from torch import nn  # noqa: E402
 
 SMOLLM2 = dict(d=576, kv=192, ff=1536)
 RANK, TOP_K = 8, 2
@@ -176,8 +181,6 @@ def main() -> None:
                              "SWEEP (CUDA graphs)")
     parser.add_argument("--out", default="fused_routing.json")
     args = parser.parse_args()
-    if args.device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before phatgoose imports Triton
     from phatgoose.routing import container
 
     if args.device == "cpu":
@@ -218,8 +221,9 @@ def main() -> None:
                     print(row, flush=True)
                 if args.sweep == experts and graphs:
                     sweep(model, x, experts, args.repeats, results["rows"])
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+            # after each E, so that a run stopped by a time limit keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
     print(f"wrote {args.out}")
 
 

@@ -20,5 +20,6 @@ timeout 330 python3 routed_inference.py --device cuda --dtype bf16 --experts --p
     --compiled-decode 64 --decode-batches 1 --repeats 3 --child-timeout 320 \
     --out "$OUT/compiled_decode_cuda_bf16.json" 2>&1 | tee "$OUT/compiled_decode.log" | tail -n 6
 timeout 180 python3 fused_routing.py --device cuda --dtype bf16 --repeats 5 --sweep 64 \
+    --out "$OUT/fused_routing_cuda_bf16.json" \
     > "$OUT/fused_routing.log" 2>&1
 grep -v "'tile'" "$OUT/fused_routing.log" | tail -n 30
