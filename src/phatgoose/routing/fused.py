@@ -62,7 +62,7 @@ DECODE_TOKENS = 8  # up to this many tokens: small token blocks, output columns 
 DECODE_COLUMNS = 64  # output columns per program when decoding
 # tokens per program when decoding (None: all, up to DECODE_TOKENS). One token per program was
 # 4.3x faster at 8 tokens on an H200 (CUDA graph, E = 64: 4.30 ms against 18.3 for 30 layers),
-# and as fast at one token; 16384-element tiles with 8 warps were 4-10% faster than 8192 with 4
+# and as fast at one token; 16384-element tiles with 8 warps were 2-10% faster than 8192 with 4
 # at 1, 8 and 2048 tokens (docs/PERFORMANCE.md)
 DECODE_BLOCK_T: int | None = 1
 TILE = 16384  # elements per register tile (64 fp32 registers per thread at 8 warps)
