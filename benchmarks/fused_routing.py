@@ -38,7 +38,7 @@ RANK, TOP_K = 8, 2
 # base: plain linear modules; dense: the dense path (every expert); unfused: the torch sparse
 # kernels (gathering, grouped matmuls); fused: the fused kernel at every size; default: what
 # RoutedLinear.sparse_kernel picks (on a GPU: fused when eager; under a CUDA graph, fused for
-# one token, dense above)
+# decoding steps of up to fused.DECODE_TOKENS tokens, dense above)
 VARIANTS = ("base", "dense", "unfused", "fused", "default")
 # (TILE, DECODE_COLUMNS, NUM_WARPS, DECODE_BLOCK_T) of routing.fused's tiling heuristic, tried
 # by --sweep (the default is 16384, 64, 8, 1; DECODE_BLOCK_T None: all of a step's tokens in
@@ -91,8 +91,7 @@ def route(model: nn.Sequential, experts: int) -> None:
         A = torch.randn(experts, RANK, d_in, generator=generator) / d_in**0.5
         B = torch.randn(experts, RANK, d_out, generator=generator) * 0.05
         router = PhatgooseRouter(torch.randn(experts, d_in, generator=generator), TOP_K)
-        layer = RoutedLinear(base, A, B, router).to(base.weight.device)
-        layer.router.to(base.weight.device)
+        layer = RoutedLinear(base, A, B, router).to(base.weight.device)  # the router too
         set_module(model, name, layer)
     share_projections({n: m for n, m in model.named_modules() if isinstance(m, RoutedLinear)})
 
