@@ -2,9 +2,11 @@
 
 import math
 
+import pytest
 import torch
 
 from phatgoose.routing import FixedWeights, PhatgooseRouter, SigmoidGate, standardise
+from phatgoose.routing.routers import MANY_ROWS, top_k
 
 
 def manual_standardise(v: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -92,3 +94,39 @@ def test_routing_scores_and_gates_stay_fp32_under_bf16_autocast():
         assert (x @ vectors.T).dtype == torch.bfloat16  # what autocast does to a plain matmul
     for reference, got in zip(exact, under_autocast):
         assert got.dtype == torch.float32 and torch.equal(got, reference)
+
+
+@pytest.mark.parametrize("experts", [12, 64, 127, 200])
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("rows", [4, MANY_ROWS])
+def test_top_k_matches_torch_topk_in_every_form(experts, k, rows):
+    torch.manual_seed(experts * 10 + k)
+    scores = torch.randn(rows, experts)
+    values, indices = top_k(scores, k)
+    expected = scores.topk(k, dim=-1)
+    assert torch.equal(indices, expected.indices)
+    assert torch.equal(values, expected.values)
+
+
+def test_top_k_takes_passes_of_max_where_cpu_topk_is_slow(monkeypatch):
+    scores = torch.randn(MANY_ROWS, 64)
+    expected = scores.topk(2, dim=-1)
+
+    def no_topk(*args, **kwargs):
+        raise AssertionError("torch's topk ran")
+
+    monkeypatch.setattr(torch.Tensor, "topk", no_topk)
+    values, indices = top_k(scores, 2)  # 64 k > E: passes of max
+    assert torch.equal(indices, expected.indices) and torch.equal(values, expected.values)
+    with pytest.raises(AssertionError, match="topk ran"):
+        top_k(scores[:4], 2)  # few rows: torch's topk
+    with pytest.raises(AssertionError, match="topk ran"):
+        top_k(torch.randn(MANY_ROWS, 128), 2)  # 64 k <= E: torch's partial sort
+
+
+def test_top_k_with_tied_scores_returns_two_distinct_experts():
+    scores = torch.zeros(MANY_ROWS, 64)
+    scores[:, 7] = scores[:, 30] = 5.0
+    values, indices = top_k(scores, 2)
+    assert torch.equal(values, torch.full((MANY_ROWS, 2), 5.0))
+    assert torch.equal(indices.sort(dim=-1).values, torch.tensor([[7, 30]]).expand(MANY_ROWS, 2))

@@ -33,9 +33,32 @@ def standardise(t: Tensor, eps: float = 1e-5) -> Tensor:
     return F.layer_norm(t, t.shape[-1:], eps=eps)
 
 
+# From this many rows (a prefill) on CPU, ``top_k`` may take passes of max; below it
+# (decoding), torch's topk, one op, since dispatch dominates there (equal times at 256 rows).
+MANY_ROWS = 256
+
+
+def top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(values, indices) of the k highest scores of each row, highest first, like ``topk``.
+
+    torch's CPU topk runs a partial sort only when 64 k <= E; below that (E = 64 at k = 2, the
+    default) its per-row nth_element took 3.1x as long as k passes of ``max`` (2048 x 64 scores,
+    AMD EPYC, fp32; benchmarks/top_k_forms.py). So on CPU, for many rows and k <= 2, the
+    passes of max, each masking the expert it found."""
+    k, experts = min(k, scores.shape[-1]), scores.shape[-1]
+    if not (k <= 2 and 64 * k > experts and scores.device.type == "cpu"
+            and scores.numel() >= MANY_ROWS * experts and not torch.compiler.is_compiling()):
+        return scores.topk(k, dim=-1)
+    values, indices = scores.max(dim=-1, keepdim=True)
+    if k == 2:
+        second, index = scores.scatter(-1, indices, float("-inf")).max(dim=-1, keepdim=True)
+        values, indices = torch.cat([values, second], -1), torch.cat([indices, index], -1)
+    return values, indices
+
+
 def top_k_weights(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Softmax over the k highest scores of each row: (weights, indices), each (..., k), fp32."""
-    values, indices = scoring(scores).topk(min(k, scores.shape[-1]), dim=-1)
+    values, indices = top_k(scoring(scores), k)
     return values.softmax(dim=-1), indices
 
 
@@ -95,7 +118,8 @@ class PhatgooseRouter(TopKRouter):
 
     def scores_from(self, projection: Tensor, x: Tensor) -> Tensor:
         d = x.shape[-1]
-        # 1 / sigma_x from LayerNorm's own kernel (one op; var() is ~5x slower on CPU)
+        # 1 / sigma_x from LayerNorm's own kernel (one op; var() is ~5x slower on CPU; the norm
+        # of the centred rows, faster alone, saved nothing in a whole prefill)
         inv_sigma = torch.native_layer_norm(scoring(x).reshape(-1, d), [d], None, None,
                                             self.eps)[2].view(*x.shape[:-1], 1)
         return projection * (inv_sigma * (1 / math.sqrt(d)))

@@ -1,0 +1,131 @@
+"""The router's top-k on CPU (``routers.top_k``: k passes of max where torch's topk is slow)
+against torch's topk: the op alone, then whole prefills.
+
+    python benchmarks/top_k_forms.py --experts 12 64 256 --repeats 5
+
+1. The op alone on (2048, E) scores, top-2 (median of --repeats runs of 50 calls): ``topk``
+   against the shipped ``top_k``.
+2. One 8 x 256-token prefill of SmolLM2-135M (random weights) routed among E synthetic experts
+   on the sparse path: the base layers only, routed with torch's topk (``MANY_ROWS`` set out
+   of reach), routed as shipped; interleaved, medians of --repeats rounds after a warm-up
+   round, and the largest difference between the two routed outputs' logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from routed_inference import (
+    BATCH,
+    SEQ,
+    TOP_K,
+    base_model,
+    route_synthetic,
+    set_path,
+    synthetic_experts,
+)
+from routed_overhead import SHIPPED, base_only
+
+from phatgoose.routing import routers
+from phatgoose.routing.container import RoutedLinear
+
+ROWS = BATCH * SEQ
+NEVER = 1 << 62  # MANY_ROWS out of reach: torch's topk everywhere
+
+
+def median_us(fn, repeats: int, calls: int = 50) -> float:
+    fn()
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        runs.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(runs)
+
+
+def with_many_rows(value: int, fn):
+    def run():
+        saved, routers.MANY_ROWS = routers.MANY_ROWS, value
+        try:
+            return fn()
+        finally:
+            routers.MANY_ROWS = saved
+    return run
+
+
+def op_alone(experts: list[int], repeats: int) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    results: dict = {}
+    print(f"| E | topk, {ROWS} rows (µs) | shipped `top_k` (µs) |\n|---:|---:|---:|")
+    for e in experts:
+        scores = torch.randn(ROWS, e, generator=generator)
+
+        def run(scores=scores):
+            return routers.top_k(scores, TOP_K)
+        single, shipped = median_us(with_many_rows(NEVER, run), repeats), median_us(run, repeats)
+        results[e] = {"topk_us": single, "shipped_us": shipped}
+        print(f"| {e} | {single:.0f} | {shipped:.0f} |")
+    return results
+
+
+def prefill(experts: int, repeats: int) -> dict:
+    model = base_model("cpu", "fp32")
+    route_synthetic(model, synthetic_experts(model, experts), "phatgoose")
+    set_path(model, "sparse")
+    ids = torch.randint(3, 40000, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    stages = {"base": (base_only, routers.MANY_ROWS),
+              "topk": (SHIPPED, NEVER),
+              "shipped": (SHIPPED, routers.MANY_ROWS)}
+    times: dict[str, list[float]] = {stage: [] for stage in stages}
+    logits = {}
+    with torch.no_grad():
+        for round_ in range(repeats + 1):  # round 0 warms every stage up
+            for stage, (forward, many_rows) in stages.items():
+                RoutedLinear.sparse_forward, saved = forward, routers.MANY_ROWS
+                routers.MANY_ROWS = many_rows
+                try:
+                    start = time.perf_counter()
+                    out = model(ids, use_cache=False).logits
+                    if round_:
+                        times[stage].append(time.perf_counter() - start)
+                    else:
+                        logits[stage] = out
+                finally:
+                    RoutedLinear.sparse_forward, routers.MANY_ROWS = SHIPPED, saved
+    seconds = {stage: statistics.median(t) for stage, t in times.items()}
+    diff = (logits["shipped"] - logits["topk"]).abs().max().item()
+    return {"seconds": seconds, "max_abs_logit_diff": diff,
+            "throughput_topk": seconds["base"] / seconds["topk"],
+            "throughput_shipped": seconds["base"] / seconds["shipped"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experts", type=int, nargs="+", default=[12, 64, 256])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-prefill", action="store_true", help="only the op alone")
+    parser.add_argument("--out", help="also write the results as JSON here")
+    args = parser.parse_args()
+    results = {"threads": torch.get_num_threads(), "op": op_alone(args.experts, args.repeats),
+               "prefill": {}}
+    if not args.no_prefill:
+        print("\n| E | base (s) | routed, topk (s) | routed, shipped (s) | throughput / "
+              "base: topk, shipped | max logit diff |\n|---:|---:|---:|---:|---:|---:|")
+        for e in args.experts:
+            r = results["prefill"][e] = prefill(e, args.repeats)
+            s = r["seconds"]
+            print(f"| {e} | {s['base']:.3f} | {s['topk']:.3f} | {s['shipped']:.3f} | "
+                  f"{r['throughput_topk']:.3f}, {r['throughput_shipped']:.3f} | "
+                  f"{r['max_abs_logit_diff']:.1e} |", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
