@@ -16,6 +16,7 @@ from phatgoose.routing.routers import (
     ArrowRouter,
     PhatgooseRouter,
     TopKRouter,
+    autocast_off,
     scoring,
     scoring_matmul,
 )
@@ -243,7 +244,7 @@ class RoutedLinear(nn.Module):
         dtype = self.lora_A.dtype
         x = x_scoring if x_scoring.dtype == dtype else flat_x.to(dtype)
         pairs = experts.reshape(-1)
-        with torch.autocast(flat_x.device.type, enabled=False):
+        with autocast_off(flat_x.device.type):
             A = self.lora_A.index_select(0, pairs).view(n, k * self.rank, x.shape[-1])
             hidden = torch.bmm(x.unsqueeze(1), A.transpose(1, 2)).view(n, k, self.rank)
             hidden = (hidden * weights.to(dtype).unsqueeze(-1)).view(n, 1, k * self.rank)

@@ -6,6 +6,7 @@ input and returns one weight per expert and token, zero for experts it does not 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -23,8 +24,16 @@ def scoring_matmul(x: Tensor, vectors: Tensor) -> Tensor:
     """x @ vectors^T in the scoring precision (``scoring``), under autocast too: autocast would
     run it in bf16, which flips near-tied expert choices."""
     x = scoring(x)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         return x @ vectors.to(x.dtype).T
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """A context with autocast off on ``device_type``; a no-op one where it is off already
+    (entering ``torch.autocast`` costs 1.6 µs on CPU, in every routed module's decoding step)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def standardise(t: Tensor, eps: float = 1e-5) -> Tensor:
