@@ -43,19 +43,26 @@ def test_folded_standardisation_equals_layernorm_of_both_sides():
 
 @pytest.mark.parametrize("kind", ["phatgoose", "arrow"])
 @pytest.mark.parametrize("top_k", [1, 2, 4])
-@pytest.mark.parametrize("tokens,kernel", [(3, "gather"), (200, "sparse-matmul"),
-                                           (200, "grouped")])
+@pytest.mark.parametrize("tokens,kernel", [(3, "gather"), (200, "compiled-gather"),
+                                           (200, "sparse-matmul"), (200, "grouped")])
 def test_sparse_path_equals_dense_reference(kind, top_k, tokens, kernel, monkeypatch):
-    """Each of the sparse path's kernels (few tokens: gather; many: CPU sparse matmuls in
-    fp32, else grouped matmuls) against the dense reference and a loop over experts."""
+    """Each of the sparse path's kernels (few tokens: gather; many on CPU: the compiled
+    gather-and-reduce, else sparse matmuls; elsewhere grouped matmuls) against the dense
+    reference and a loop over experts."""
     def unused(*args, **kwargs):
         raise AssertionError(f"the {kernel} kernel should run")
 
+    if kernel != "compiled-gather":
+        monkeypatch.setattr(container, "compiled_delta", unused)
     if kernel == "grouped":
         monkeypatch.setattr(container, "CPU_SPARSE_MATMULS", False)
         monkeypatch.setattr(torch.sparse, "sampled_addmm", unused)
     elif kernel == "sparse-matmul":
+        monkeypatch.setattr(container, "CPU_COMPILED_DELTA", False)
         monkeypatch.setattr(container, "grouped_matmul", unused)
+    elif kernel == "compiled-gather":
+        monkeypatch.setattr(container, "grouped_matmul", unused)
+        monkeypatch.setattr(torch.sparse, "sampled_addmm", unused)
     torch.manual_seed(top_k + tokens)
     d_in, d_out, n_experts = 24, 20, 9
     weights = random_loras(d_in, d_out, [4, 2, 4, 3, 4, 1, 4, 4, 2])
@@ -80,14 +87,18 @@ def test_sparse_path_equals_dense_reference(kind, top_k, tokens, kernel, monkeyp
     assert ((chosen > 0).sum(-1) == top_k).all()
 
 
-def test_bf16_model_on_cpu_runs_many_tokens_as_sparse_matmuls_in_fp32(monkeypatch):
+@pytest.mark.parametrize("compiled", [True, False])
+def test_bf16_model_on_cpu_computes_many_tokens_delta_in_fp32(compiled, monkeypatch):
     """torch's CPU grouped matmul and index_add_ are scalar loops in bf16: a bf16 model's delta
-    is computed by the fp32 sparse kernels instead, and matches the fp32 delta to bf16's
-    precision of the output."""
+    is computed in fp32 by the compiled gather-and-reduce, or by the sparse kernels, and matches
+    the fp32 delta to bf16's precision of the output."""
     def unused(*args, **kwargs):
         raise AssertionError("the grouped kernel should not run on CPU")
 
     monkeypatch.setattr(container, "grouped_matmul", unused)
+    monkeypatch.setattr(container, "CPU_COMPILED_DELTA", compiled)
+    if compiled:
+        monkeypatch.setattr(torch.sparse, "sampled_addmm", unused)
     torch.manual_seed(3)
     d_in, d_out, n_experts = 32, 24, 12
     weights = random_loras(d_in, d_out, [4] * n_experts)
@@ -159,7 +170,10 @@ def test_top_k_routers_take_the_sparse_path_whose_kernel_depends_on_tokens_and_d
     # CPU: every expert up to DENSE_MAX_EXPERTS; then gathering for 32 pairs, sparse matmuls
     assert small.sparse_kernel(200, "cpu", fp32) == "dense"
     assert phatgoose.sparse_kernel(32, "cpu", fp32) == "gather"
+    assert phatgoose.sparse_kernel(33, "cpu", fp32) == "compiled-gather"
+    monkeypatch.setattr(container, "CPU_COMPILED_DELTA", False)
     assert phatgoose.sparse_kernel(33, "cpu", fp32) == "sparse-matmul"
+    monkeypatch.setattr(container, "CPU_COMPILED_DELTA", True)
     # GPU, eager: the fused kernel at every size (E <= 8 too)
     for layer in (small, phatgoose):
         assert layer.sparse_kernel(1, "cuda", bf16) == "fused"
@@ -324,3 +338,48 @@ def test_top_k_routers_refuse_fewer_than_one_expert_per_token():
         PhatgooseRouter(torch.randn(4, 8), top_k=0)
     with pytest.raises(ValueError, match="top_k must be at least 1"):
         ArrowRouter(torch.randn(4, 8), top_k=0)
+
+
+def test_compiled_delta_failure_warns_and_falls_back_to_sparse_kernels(monkeypatch):
+    """Where torch.compile cannot build the delta (no C++ compiler, say), the forward warns,
+    turns the compiled delta off for the process and routes with the sparse kernels, with the
+    same result as the dense reference."""
+    def cannot_compile(*args, **kwargs):
+        raise torch._dynamo.exc.BackendCompilerFailed(
+            "inductor", RuntimeError("no C++ compiler found\nmore"), None)
+
+    monkeypatch.setattr(container, "CPU_COMPILED_DELTA", True)
+    monkeypatch.setattr(container, "compiled_delta", cannot_compile)
+    torch.manual_seed(5)
+    d_in, d_out, n_experts = 16, 12, 10
+    layer = RoutedLinear.from_experts(
+        nn.Linear(d_in, d_out), random_loras(d_in, d_out, [4] * n_experts),
+        PhatgooseRouter(torch.randn(n_experts, d_in), 2))
+    x = torch.randn(100, d_in)
+    assert layer.sparse_kernel(100, "cpu", x.dtype) == "compiled-gather"
+    with pytest.warns(RuntimeWarning, match="compiled routing delta cannot be built here"):
+        sparse = layer(x)
+    assert container.CPU_COMPILED_DELTA is False
+    assert layer.sparse_kernel(100, "cpu", x.dtype) == "sparse-matmul"
+    layer.path = "dense"
+    torch.testing.assert_close(sparse, layer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_gathered_delta_compiles_once_per_layer_shape_for_any_token_count():
+    """The compiled delta equals its eager form, and a new number of tokens reuses the graph:
+    only the tokens are dynamic."""
+    torch.manual_seed(6)
+    E, r, d_in, d_out, k = 6, 3, 20, 28, 2
+    A, B = torch.randn(E, r, d_in), torch.randn(E, r, d_out)
+    torch._dynamo.reset()
+    counts = []
+    for n in (40, 75, 40):
+        x = torch.randn(n, d_in)
+        experts = torch.rand(n, E).topk(k, dim=-1).indices
+        weights = torch.rand(n, k)
+        expected = torch.einsum("nkr,nkrd->nd", torch.einsum("nkri,ni->nkr", A[experts], x)
+                                * weights[..., None], B[experts])
+        torch.testing.assert_close(container.compiled_delta(x, A, B, experts, weights),
+                                   expected, atol=1e-5, rtol=1e-5)
+        counts.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert counts[0] >= 1 and counts == [counts[0]] * 3
