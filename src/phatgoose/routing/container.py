@@ -22,22 +22,23 @@ from phatgoose.routing.routers import (
 )
 
 # Below this many (token, expert) pairs the sparse path gathers the chosen experts' factors
-# (decoding); above it, it runs sparse matmuls on CPU (in fp32 or fp64), else pairs are sorted
-# by expert and run as grouped matmuls (prefill).
+# (decoding); above it, on CPU, it runs a compiled gather-and-reduce or sparse matmuls (in fp32
+# or fp64), else pairs are sorted by expert and run as grouped matmuls (prefill).
 GATHER_MAX_PAIRS = 64
 # Up to this many experts (off GPUs), computing every expert (one concatenated LoRA of rank
 # E r) costs about what the sparse path's routing costs, so the sparse path does that too.
 # Measured on CPU in fp32 (8 x 256-token prefill): the sparse kernels 4% faster at E = 8 and
 # 13% at E = 12; computing every expert 1.5x faster at E = 4 for rank classification.
 DENSE_MAX_EXPERTS = 8
-# Many tokens on CPU run as sparse matmuls (``_add_sparse_delta``), whatever the model's dtype:
-# torch's CPU grouped matmul and index_add_ are scalar loops in bf16 (measured 8x slower than
-# the base model's forward at E = 12). Tests turn this off to reach the grouped path on CPU.
+# Many tokens on CPU never take the grouped path, whatever the model's dtype: torch's CPU
+# grouped matmul and index_add_ are scalar loops in bf16 (measured 8x slower than the base
+# model's forward at E = 12). Tests turn this off to reach the grouped path on CPU.
 CPU_SPARSE_MATMULS = True
 # Many tokens on CPU run as one compiled gather-and-reduce (``compiled_delta``): inductor makes
-# C++ loops of it, 1.6-1.8x faster than torch's sparse kernels at 2048 tokens, E = 64
-# (benchmarks/cpu_delta.py). It needs a C++ compiler: where it cannot compile, the first failure
-# turns it off for the process, with a warning, and the sparse kernels run instead.
+# C++ loops of it, 1.5-1.9x faster than torch's sparse kernels (``_add_sparse_delta``) at 2048
+# tokens, E = 64 and 256 (benchmarks/cpu_delta.py). It needs a C++ compiler: where it cannot
+# compile, the first failure turns it off for the process, with a warning, and the sparse
+# kernels run instead.
 CPU_COMPILED_DELTA = True
 # what torch.compile raises when it cannot build a kernel (no compiler, a broken toolchain)
 COMPILE_ERRORS = (torch._dynamo.exc.BackendCompilerFailed, OSError)
@@ -79,10 +80,11 @@ class RoutedLinear(nn.Module):
     - ``sparse`` (the default for ``TopKRouter``s): only the k chosen experts run per token,
       k r (d_in + d_out) multiply-adds, by the kernel ``sparse_kernel`` picks for the tokens,
       device and dtype: with few tokens, gathering their factors (in the stacks' dtype,
-      outside autocast); with many, sparse matmuls (CPU; a bf16 model's delta in fp32) or
-      grouped matmuls over (token, slot) pairs sorted by expert. Where it is faster, the dense
-      path's matmuls instead (up to ``DENSE_MAX_EXPERTS`` experts on CPU; on a GPU, more than
-      one token replayed as a CUDA graph). On a GPU, router, top-k and LoRA otherwise run as
+      outside autocast); with many, on CPU, one compiled gather-and-reduce (``compiled_delta``;
+      else sparse matmuls; a bf16 model's delta in fp32), elsewhere grouped matmuls over
+      (token, slot) pairs sorted by expert. Where it is faster, the dense path's matmuls
+      instead (up to ``DENSE_MAX_EXPERTS`` experts on CPU; on a GPU, more than one token
+      replayed as a CUDA graph). On a GPU, router, top-k and LoRA otherwise run as
       one Triton kernel (``routing.fused``).
     Top-k routers project the input with one matmul, shared with sibling modules that read the
     same input (see ``SharedProjection``).
