@@ -177,7 +177,7 @@ class RoutedLinear(nn.Module):
         weights, experts = self.router.select(projection.reshape(flat_x.shape[0], -1), x_scoring)
         n, k = experts.shape
         if kernel == "compiled-gather":
-            if self._add_compiled_delta(flat_x, x_scoring, out, flat_out, weights, experts):
+            if self._add_compiled_delta(flat_x, x_scoring, flat_out, weights, experts):
                 return out
             kernel = self.sparse_kernel(flat_x.shape[0], flat_x.device.type, flat_x.dtype)
         if kernel == "sparse-matmul":
@@ -265,8 +265,8 @@ class RoutedLinear(nn.Module):
             B = self.lora_B.index_select(0, pairs).view(n, k * self.rank, self.d_out)
             flat_out += torch.bmm(hidden, B).view(n, self.d_out)  # the bmm sums over the k
 
-    def _add_compiled_delta(self, flat_x: Tensor, x_scoring: Tensor, out: Tensor,
-                            flat_out: Tensor, weights: Tensor, experts: Tensor) -> bool:
+    def _add_compiled_delta(self, flat_x: Tensor, x_scoring: Tensor, flat_out: Tensor,
+                            weights: Tensor, experts: Tensor) -> bool:
         """Many tokens on CPU: flat_out += ``compiled_delta``, in fp32 for a bf16 model (like
         ``_add_sparse_delta``, rounded once); False if torch.compile could not build it here,
         which then turns it off for the process, with a warning. Nothing is written before."""
