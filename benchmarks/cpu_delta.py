@@ -20,9 +20,8 @@ import statistics
 import time
 
 import torch
-from routed_inference import BATCH, SEQ, TOP_K, base_model, route_synthetic, set_path
-from routed_inference import synthetic_experts as make_experts
-from routed_overhead import SHIPPED, base_only
+from routed_inference import BATCH, SEQ, TOP_K
+from routed_overhead import print_shipped_or_not
 
 from phatgoose.routing import container
 from phatgoose.routing.container import RoutedLinear
@@ -74,35 +73,8 @@ def one_shape(d_in: int, d_out: int, experts: int, repeats: int,
             "max_rel_diff": float((ours - theirs).abs().max() / theirs.abs().max())}
 
 
-def prefill(experts: int, repeats: int) -> dict:
-    model = base_model("cpu", "fp32")
-    route_synthetic(model, make_experts(model, experts), "phatgoose")
-    set_path(model, "sparse")
-    ids = torch.randint(3, 40000, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
-    stages = {"base": (base_only, True), "sparse kernels": (SHIPPED, False),
-              "shipped": (SHIPPED, True)}
-    times: dict[str, list[float]] = {stage: [] for stage in stages}
-    logits = {}
-    with torch.no_grad():
-        for round_ in range(repeats + 1):  # round 0 warms every stage up (and compiles)
-            for stage, (forward, compiled) in stages.items():
-                RoutedLinear.sparse_forward, container.CPU_COMPILED_DELTA = forward, compiled
-                try:
-                    start = time.perf_counter()
-                    out = model(ids, use_cache=False).logits
-                    if round_:
-                        times[stage].append(time.perf_counter() - start)
-                    else:
-                        logits[stage] = out
-                finally:
-                    RoutedLinear.sparse_forward, container.CPU_COMPILED_DELTA = SHIPPED, True
-    seconds = {stage: statistics.median(t) for stage, t in times.items()}
-    scale = logits["sparse kernels"].abs().max()
-    return {"seconds": seconds,
-            "max_rel_logit_diff": float((logits["shipped"] - logits["sparse kernels"]).abs().max()
-                                        / scale),
-            "throughput_sparse_kernels": seconds["base"] / seconds["sparse kernels"],
-            "throughput_shipped": seconds["base"] / seconds["shipped"]}
+def ship_compiled(shipped: bool) -> None:
+    container.CPU_COMPILED_DELTA = shipped
 
 
 def main() -> None:
@@ -121,15 +93,8 @@ def main() -> None:
             print(f"| {e} | {shape} | {r['sparse_ms']:.2f} | {r['compiled_ms']:.2f} | "
                   f"{r['first_call_s']:.1f} | {r['max_rel_diff']:.1e} |", flush=True)
     if not args.no_prefill:
-        print("\n| E | base (s) | routed, sparse kernels (s) | routed, shipped (s) | throughput / "
-              "base: sparse kernels, shipped | max rel. logit diff |\n"
-              "|---:|---:|---:|---:|---:|---:|")
-        for e in args.experts:
-            r = results["prefill"][e] = prefill(e, args.repeats)
-            s = r["seconds"]
-            print(f"| {e} | {s['base']:.3f} | {s['sparse kernels']:.3f} | {s['shipped']:.3f} | "
-                  f"{r['throughput_sparse_kernels']:.3f}, {r['throughput_shipped']:.3f} | "
-                  f"{r['max_rel_logit_diff']:.1e} |", flush=True)
+        results["prefill"] = print_shipped_or_not(args.experts, args.repeats, "sparse kernels",
+                                                   ship_compiled)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -21,6 +21,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from routed_inference import (
@@ -77,6 +78,57 @@ def delta_only(self: RoutedLinear, x: torch.Tensor) -> torch.Tensor:
 
 STAGES = {"base": base_only, "+ projection": with_projection, "+ selection": with_selection,
           "full": SHIPPED, "delta only": delta_only}
+
+
+def shipped_or_not(experts: int, repeats: int, name: str, ship: Callable[[bool], None]) -> dict:
+    """One fp32 8 x 256-token prefill routed among ``experts`` synthetic experts on the sparse
+    path, timed in three interleaved stages: the base layers only, routed with ``ship(False)``
+    (the alternative called ``name``), routed as shipped (``ship(True)``, also set after each
+    stage). Medians of ``repeats`` rounds after a warm-up round, and how far the two routed
+    outputs' logits differ."""
+    model = base_model("cpu", "fp32")
+    route_synthetic(model, synthetic_experts(model, experts), "phatgoose")
+    set_path(model, "sparse")
+    ids = torch.randint(3, 40000, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    stages = {"base": (base_only, True), name: (SHIPPED, False), "shipped": (SHIPPED, True)}
+    times: dict[str, list[float]] = {stage: [] for stage in stages}
+    logits = {}
+    with torch.no_grad():
+        for round_ in range(repeats + 1):  # round 0 warms every stage up (and compiles)
+            for stage, (forward, shipped) in stages.items():
+                RoutedLinear.sparse_forward = forward
+                ship(shipped)
+                try:
+                    start = time.perf_counter()
+                    out = model(ids, use_cache=False).logits
+                    if round_:
+                        times[stage].append(time.perf_counter() - start)
+                    else:
+                        logits[stage] = out
+                finally:
+                    RoutedLinear.sparse_forward = SHIPPED
+                    ship(True)
+    seconds = {stage: statistics.median(t) for stage, t in times.items()}
+    diff = (logits["shipped"] - logits[name]).abs().max()
+    return {"seconds": seconds, "max_abs_logit_diff": float(diff),
+            "max_rel_logit_diff": float(diff / logits[name].abs().max()),
+            f"throughput_{name.replace(' ', '_')}": seconds["base"] / seconds[name],
+            "throughput_shipped": seconds["base"] / seconds["shipped"]}
+
+
+def print_shipped_or_not(experts: list[int], repeats: int, name: str,
+                         ship: Callable[[bool], None]) -> dict:
+    """``shipped_or_not`` at each E, printed as a table row each: {E: results}."""
+    print(f"\n| E | base (s) | routed, {name} (s) | routed, shipped (s) | throughput / base: "
+          f"{name}, shipped | max rel. logit diff |\n|---:|---:|---:|---:|---:|---:|")
+    results = {}
+    for e in experts:
+        r = results[e] = shipped_or_not(e, repeats, name, ship)
+        s = r["seconds"]
+        print(f"| {e} | {s['base']:.3f} | {s[name]:.3f} | {s['shipped']:.3f} | "
+              f"{s['base'] / s[name]:.3f}, {r['throughput_shipped']:.3f} | "
+              f"{r['max_rel_logit_diff']:.1e} |", flush=True)
+    return results
 
 
 def main() -> None:

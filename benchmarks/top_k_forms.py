@@ -19,22 +19,14 @@ import statistics
 import time
 
 import torch
-from routed_inference import (
-    BATCH,
-    SEQ,
-    TOP_K,
-    base_model,
-    route_synthetic,
-    set_path,
-    synthetic_experts,
-)
-from routed_overhead import SHIPPED, base_only
+from routed_inference import BATCH, SEQ, TOP_K
+from routed_overhead import print_shipped_or_not
 
 from phatgoose.routing import routers
-from phatgoose.routing.container import RoutedLinear
 
 ROWS = BATCH * SEQ
 NEVER = 1 << 62  # MANY_ROWS out of reach: torch's topk everywhere
+SHIPPED_MANY_ROWS = routers.MANY_ROWS
 
 
 def median_us(fn, repeats: int, calls: int = 50) -> float:
@@ -73,35 +65,8 @@ def op_alone(experts: list[int], repeats: int) -> dict:
     return results
 
 
-def prefill(experts: int, repeats: int) -> dict:
-    model = base_model("cpu", "fp32")
-    route_synthetic(model, synthetic_experts(model, experts), "phatgoose")
-    set_path(model, "sparse")
-    ids = torch.randint(3, 40000, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
-    stages = {"base": (base_only, routers.MANY_ROWS),
-              "topk": (SHIPPED, NEVER),
-              "shipped": (SHIPPED, routers.MANY_ROWS)}
-    times: dict[str, list[float]] = {stage: [] for stage in stages}
-    logits = {}
-    with torch.no_grad():
-        for round_ in range(repeats + 1):  # round 0 warms every stage up
-            for stage, (forward, many_rows) in stages.items():
-                RoutedLinear.sparse_forward, saved = forward, routers.MANY_ROWS
-                routers.MANY_ROWS = many_rows
-                try:
-                    start = time.perf_counter()
-                    out = model(ids, use_cache=False).logits
-                    if round_:
-                        times[stage].append(time.perf_counter() - start)
-                    else:
-                        logits[stage] = out
-                finally:
-                    RoutedLinear.sparse_forward, routers.MANY_ROWS = SHIPPED, saved
-    seconds = {stage: statistics.median(t) for stage, t in times.items()}
-    diff = (logits["shipped"] - logits["topk"]).abs().max().item()
-    return {"seconds": seconds, "max_abs_logit_diff": diff,
-            "throughput_topk": seconds["base"] / seconds["topk"],
-            "throughput_shipped": seconds["base"] / seconds["shipped"]}
+def ship_top_k(shipped: bool) -> None:
+    routers.MANY_ROWS = SHIPPED_MANY_ROWS if shipped else NEVER
 
 
 def main() -> None:
@@ -114,14 +79,7 @@ def main() -> None:
     results = {"threads": torch.get_num_threads(), "op": op_alone(args.experts, args.repeats),
                "prefill": {}}
     if not args.no_prefill:
-        print("\n| E | base (s) | routed, topk (s) | routed, shipped (s) | throughput / "
-              "base: topk, shipped | max logit diff |\n|---:|---:|---:|---:|---:|---:|")
-        for e in args.experts:
-            r = results["prefill"][e] = prefill(e, args.repeats)
-            s = r["seconds"]
-            print(f"| {e} | {s['base']:.3f} | {s['topk']:.3f} | {s['shipped']:.3f} | "
-                  f"{r['throughput_topk']:.3f}, {r['throughput_shipped']:.3f} | "
-                  f"{r['max_abs_logit_diff']:.1e} |", flush=True)
+        results["prefill"] = print_shipped_or_not(args.experts, args.repeats, "topk", ship_top_k)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

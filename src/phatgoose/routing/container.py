@@ -176,14 +176,13 @@ class RoutedLinear(nn.Module):
         x_scoring = x_scoring.reshape(flat_x.shape)
         weights, experts = self.router.select(projection.reshape(flat_x.shape[0], -1), x_scoring)
         n, k = experts.shape
-        if kernel == "compiled-gather":
-            if self._add_compiled_delta(flat_x, x_scoring, flat_out, weights, experts):
+        if kernel in ("compiled-gather", "sparse-matmul"):  # a bf16 model's delta in fp32
+            x_delta = flat_x if flat_x.dtype in SPARSE_DTYPES else x_scoring
+            if kernel == "compiled-gather" and self._add_compiled_delta(
+                    x_delta, flat_out, weights, experts):
                 return out
-            kernel = self.sparse_kernel(flat_x.shape[0], flat_x.device.type, flat_x.dtype)
-        if kernel == "sparse-matmul":
-            return self._add_sparse_delta(
-                flat_x if flat_x.dtype in SPARSE_DTYPES else x_scoring, out, flat_out, weights,
-                experts)
+            # the sparse kernels, also where the compiled delta could not be built
+            return self._add_sparse_delta(x_delta, out, flat_out, weights, experts)
         if kernel == "gather":  # few tokens: gather the chosen experts' factors
             self._add_gathered_delta(flat_x, x_scoring, flat_out, weights, experts)
             return out
@@ -265,13 +264,13 @@ class RoutedLinear(nn.Module):
             B = self.lora_B.index_select(0, pairs).view(n, k * self.rank, self.d_out)
             flat_out += torch.bmm(hidden, B).view(n, self.d_out)  # the bmm sums over the k
 
-    def _add_compiled_delta(self, flat_x: Tensor, x_scoring: Tensor, flat_out: Tensor,
-                            weights: Tensor, experts: Tensor) -> bool:
-        """Many tokens on CPU: flat_out += ``compiled_delta``, in fp32 for a bf16 model (like
-        ``_add_sparse_delta``, rounded once); False if torch.compile could not build it here,
-        which then turns it off for the process, with a warning. Nothing is written before."""
+    def _add_compiled_delta(self, x: Tensor, flat_out: Tensor, weights: Tensor,
+                            experts: Tensor) -> bool:
+        """Many tokens on CPU: flat_out += ``compiled_delta``, computed in ``x``'s dtype (fp32
+        for a bf16 model, like ``_add_sparse_delta``, rounded once); False if torch.compile
+        could not build it here, which then turns it off for the process, with a warning.
+        Nothing is written before."""
         global CPU_COMPILED_DELTA
-        x = flat_x if flat_x.dtype in SPARSE_DTYPES else x_scoring
         try:
             delta = compiled_delta(x, self.lora_A.to(x.dtype), self.lora_B.to(x.dtype),
                                    experts, weights.to(x.dtype))
