@@ -1,12 +1,15 @@
-"""The routed delta for many tokens on CPU: the compiled gather-and-reduce
-(``container.compiled_delta``, the default) against torch's sparse kernels (SDDMM, then CSR x
-dense; ``CPU_COMPILED_DELTA = False``), alone and in whole prefills.
+"""The routing of many tokens on CPU: the compiled routed output (``container.
+compiled_routed_output``, the default: the scores' scale, top-k, softmax and the delta as a
+gather-and-reduce, added to the base output, in one compiled function) against the router's
+eager selection and torch's sparse kernels (SDDMM, then CSR x dense; ``CPU_COMPILED_DELTA =
+False``), alone and in whole prefills.
 
-    python benchmarks/cpu_delta.py --experts 64 256 --repeats 5
+    python benchmarks/cpu_delta.py --experts 64 256 --repeats 5 --dtype bf16-autocast
 
-1. The delta alone for 2048 tokens, top-2, rank 8, at SmolLM2's three layer shapes (median of
-   --repeats runs of 20 calls), with the first call's seconds (compiling) and the largest
-   difference between the two.
+1. The routing of 2048 tokens by PHATGOOSE from a given projection, top-2, rank 8, at
+   SmolLM2's three layer shapes (median of --repeats runs of 20 calls), with the first call's
+   seconds (compiling) and the largest difference between the two outputs (a bf16 output
+   under --dtype bf16-autocast: there, one bf16 rounding step).
 2. One 8 x 256-token prefill of SmolLM2-135M (random weights) routed among E synthetic experts
    on the sparse path: the base layers only, routed with the sparse kernels, routed as shipped;
    interleaved, medians of --repeats rounds after a warm-up round.
@@ -20,11 +23,12 @@ import statistics
 import time
 
 import torch
-from routed_inference import BATCH, SEQ, TOP_K
+from routed_inference import BATCH, DTYPES, SEQ, TOP_K
 from routed_overhead import print_shipped_or_not
 
 from phatgoose.routing import container
 from phatgoose.routing.container import RoutedLinear
+from phatgoose.routing.routers import PhatgooseRouter
 
 RANK = 8
 SHAPES = ((576, 576), (576, 1536), (1536, 576))
@@ -41,33 +45,35 @@ def median_ms(fn, repeats: int, calls: int = 20) -> float:
     return statistics.median(runs)
 
 
-def delta_alone(experts: int, repeats: int) -> dict:
+def delta_alone(experts: int, repeats: int, out_dtype: torch.dtype) -> dict:
     generator = torch.Generator().manual_seed(0)
-    return {f"{d_in}x{d_out}": one_shape(d_in, d_out, experts, repeats, generator)
+    return {f"{d_in}x{d_out}": one_shape(d_in, d_out, experts, repeats, out_dtype, generator)
             for d_in, d_out in SHAPES}
 
 
-def one_shape(d_in: int, d_out: int, experts: int, repeats: int,
+def one_shape(d_in: int, d_out: int, experts: int, repeats: int, out_dtype: torch.dtype,
               generator: torch.Generator) -> dict:
     n = BATCH * SEQ
     x = torch.randn(n, d_in, generator=generator)
     A = torch.randn(experts, RANK, d_in, generator=generator) * 0.05
     B = torch.randn(experts, RANK, d_out, generator=generator) * 0.05
-    chosen = torch.rand(n, experts, generator=generator).topk(TOP_K, dim=-1).indices
-    weights = torch.rand(n, TOP_K, generator=generator).softmax(-1)
-    layer = RoutedLinear(torch.nn.Linear(d_in, d_out, bias=False), A, B, torch.nn.Identity())
-    out = torch.zeros(n, d_out)
+    router = PhatgooseRouter(torch.randn(experts, d_in, generator=generator), TOP_K)
+    projection = router.project(x)
+    layer = RoutedLinear(torch.nn.Linear(d_in, d_out, bias=False), A, B, router)
+    base_out = torch.randn(n, d_out, generator=generator).to(out_dtype)
 
     def sparse():
-        return layer._add_sparse_delta(x, out, out, weights, chosen)
+        out = base_out.clone()
+        weights, experts = router.select(projection, x)
+        return layer._add_sparse_delta(x, out, out, weights, experts)
 
     def compiled():
-        return container.compiled_delta(x, A, B, chosen, weights)
+        return container.compiled_routed_output(base_out, x, projection, A, B, TOP_K, False,
+                                                router.eps, 1.0)
     start = time.perf_counter()
-    ours = compiled()
+    ours = compiled().float()
     first = time.perf_counter() - start
-    out.zero_()
-    theirs = sparse().clone()
+    theirs = sparse().float()
     return {"sparse_ms": median_ms(sparse, repeats), "compiled_ms": median_ms(compiled, repeats),
             "first_call_s": first,
             "max_rel_diff": float((ours - theirs).abs().max() / theirs.abs().max())}
@@ -81,20 +87,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experts", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--no-prefill", action="store_true", help="only the delta alone")
     parser.add_argument("--out", help="also write the results as JSON here")
     args = parser.parse_args()
-    results: dict = {"threads": torch.get_num_threads(), "alone": {}, "prefill": {}}
-    print("| E | layer | sparse kernels (ms) | compiled (ms) | first call (s) | max rel. diff |\n"
+    results: dict = {"threads": torch.get_num_threads(), "dtype": args.dtype, "alone": {},
+                     "prefill": {}}
+    print("| E | layer | eager selection, sparse kernels (ms) | compiled (ms) | first call (s) | max rel. diff |\n"
           "|---:|---|---:|---:|---:|---:|")
     for e in args.experts:
-        results["alone"][e] = delta_alone(e, args.repeats)
+        results["alone"][e] = delta_alone(e, args.repeats, torch.float32 if args.dtype == "fp32"
+                                          else torch.bfloat16)
         for shape, r in results["alone"][e].items():
             print(f"| {e} | {shape} | {r['sparse_ms']:.2f} | {r['compiled_ms']:.2f} | "
                   f"{r['first_call_s']:.1f} | {r['max_rel_diff']:.1e} |", flush=True)
     if not args.no_prefill:
         results["prefill"] = print_shipped_or_not(args.experts, args.repeats, "sparse kernels",
-                                                   ship_compiled)
+                                                   ship_compiled, args.dtype)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

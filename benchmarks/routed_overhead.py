@@ -35,7 +35,7 @@ from routed_inference import (
     synthetic_experts,
 )
 
-from phatgoose.routing.container import SPARSE_DTYPES, RoutedLinear
+from phatgoose.routing.container import RoutedLinear
 
 SHIPPED = RoutedLinear.sparse_forward
 
@@ -72,28 +72,29 @@ def delta_only(self: RoutedLinear, x: torch.Tensor) -> torch.Tensor:
         _FIXED[key] = tuple(scores.topk(TOP_K, dim=-1))  # (weights, experts): distinct experts
     weights, experts = _FIXED[key]
     weights = weights.softmax(-1)
-    x_delta = flat_x if flat_x.dtype in SPARSE_DTYPES else flat_x.float()
-    return self._add_sparse_delta(x_delta, out, flat_out, weights, experts)
+    return self._add_sparse_delta(flat_x.float(), out, flat_out, weights, experts)
 
 
 STAGES = {"base": base_only, "+ projection": with_projection, "+ selection": with_selection,
           "full": SHIPPED, "delta only": delta_only}
 
 
-def shipped_or_not(experts: int, repeats: int, name: str, ship: Callable[[bool], None]) -> dict:
-    """One fp32 8 x 256-token prefill routed among ``experts`` synthetic experts on the sparse
-    path, timed in three interleaved stages: the base layers only, routed with ``ship(False)``
-    (the alternative called ``name``), routed as shipped (``ship(True)``, also set after each
-    stage). Medians of ``repeats`` rounds after a warm-up round, and how far the two routed
-    outputs' logits differ."""
-    model = base_model("cpu", "fp32")
+def shipped_or_not(experts: int, repeats: int, name: str, ship: Callable[[bool], None],
+                   dtype: str = "fp32") -> dict:
+    """One 8 x 256-token prefill in ``dtype`` (a ``DTYPES`` name) routed among ``experts``
+    synthetic experts on the sparse path, timed in three interleaved stages: the base layers
+    only, routed with ``ship(False)`` (the alternative called ``name``), routed as shipped
+    (``ship(True)``, also set after each stage). Medians of ``repeats`` rounds after a warm-up
+    round, and how far the two routed outputs' logits differ."""
+    model = base_model("cpu", dtype)
     route_synthetic(model, synthetic_experts(model, experts), "phatgoose")
     set_path(model, "sparse")
     ids = torch.randint(3, 40000, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
     stages = {"base": (base_only, True), name: (SHIPPED, False), "shipped": (SHIPPED, True)}
     times: dict[str, list[float]] = {stage: [] for stage in stages}
     logits = {}
-    with torch.no_grad():
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16-autocast")
+    with torch.no_grad(), autocast:
         for round_ in range(repeats + 1):  # round 0 warms every stage up (and compiles)
             for stage, (forward, shipped) in stages.items():
                 RoutedLinear.sparse_forward = forward
@@ -104,7 +105,7 @@ def shipped_or_not(experts: int, repeats: int, name: str, ship: Callable[[bool],
                     if round_:
                         times[stage].append(time.perf_counter() - start)
                     else:
-                        logits[stage] = out
+                        logits[stage] = out.float()
                 finally:
                     RoutedLinear.sparse_forward = SHIPPED
                     ship(True)
@@ -117,13 +118,13 @@ def shipped_or_not(experts: int, repeats: int, name: str, ship: Callable[[bool],
 
 
 def print_shipped_or_not(experts: list[int], repeats: int, name: str,
-                         ship: Callable[[bool], None]) -> dict:
+                         ship: Callable[[bool], None], dtype: str = "fp32") -> dict:
     """``shipped_or_not`` at each E, printed as a table row each: {E: results}."""
     print(f"\n| E | base (s) | routed, {name} (s) | routed, shipped (s) | throughput / base: "
           f"{name}, shipped | max rel. logit diff |\n|---:|---:|---:|---:|---:|---:|")
     results = {}
     for e in experts:
-        r = results[e] = shipped_or_not(e, repeats, name, ship)
+        r = results[e] = shipped_or_not(e, repeats, name, ship, dtype)
         s = r["seconds"]
         print(f"| {e} | {s['base']:.3f} | {s[name]:.3f} | {s['shipped']:.3f} | "
               f"{s['base'] / s[name]:.3f}, {r['throughput_shipped']:.3f} | "

@@ -60,16 +60,19 @@ def test_device_name_names_the_processor(monkeypatch):
     assert device_name(torch.device("cuda", 0)) == "cuda (NVIDIA H100 80GB HBM3)"
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_bf16_is_the_default_where_it_is_faster(monkeypatch, amx):
-    """Unset, bf16 autocast runs on CPUs with AMX tiles and on GPUs with bf16; elsewhere fp32.
-    (``bf16_is_faster`` here is the real one: conftest pins the tests' default to fp32.)"""
-    cpu = torch.device("cpu")
+@pytest.mark.parametrize(("amx", "avx512_bf16"), [(True, False), (False, True), (True, True),
+                                                  (False, False)])
+def test_bf16_is_the_default_where_it_is_faster(monkeypatch, amx, avx512_bf16):
+    """Unset, bf16 autocast runs on CPUs with AMX tiles or AVX512-BF16 and on GPUs with bf16;
+    elsewhere fp32. (``bf16_is_faster`` here is the real one: conftest pins the tests' default
+    to fp32.)"""
+    cpu, native = torch.device("cpu"), amx or avx512_bf16
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    assert bf16_is_faster(cpu) is amx
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert bf16_is_faster(cpu) is native
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: amx)
     assert bf16_is_faster(torch.device("cuda")) is amx
     assert bf16_is_faster(torch.device("meta")) is False
     monkeypatch.setattr(models_base, "bf16_is_faster", bf16_is_faster)
-    assert resolve_bf16(None, cpu) is amx
+    assert resolve_bf16(None, cpu) is native
     assert resolve_bf16(True, cpu) is True and resolve_bf16(False, cpu) is False

@@ -53,7 +53,7 @@ def test_sparse_path_equals_dense_reference(kind, top_k, tokens, kernel, monkeyp
         raise AssertionError(f"the {kernel} kernel should run")
 
     if kernel != "compiled-gather":
-        monkeypatch.setattr(container, "compiled_delta", unused)
+        monkeypatch.setattr(container, "compiled_routed_output", unused)
     if kernel == "grouped":
         monkeypatch.setattr(container, "CPU_SPARSE_MATMULS", False)
         monkeypatch.setattr(torch.sparse, "sampled_addmm", unused)
@@ -349,7 +349,7 @@ def test_compiled_delta_failure_warns_and_falls_back_to_sparse_kernels(monkeypat
             "inductor", RuntimeError("no C++ compiler found\nmore"), None)
 
     monkeypatch.setattr(container, "CPU_COMPILED_DELTA", True)
-    monkeypatch.setattr(container, "compiled_delta", cannot_compile)
+    monkeypatch.setattr(container, "compiled_routed_output", cannot_compile)
     torch.manual_seed(5)
     d_in, d_out, n_experts = 16, 12, 10
     layer = RoutedLinear.from_experts(
@@ -365,21 +365,30 @@ def test_compiled_delta_failure_warns_and_falls_back_to_sparse_kernels(monkeypat
     torch.testing.assert_close(sparse, layer(x), atol=1e-5, rtol=1e-5)
 
 
-def test_gathered_delta_compiles_once_per_layer_shape_for_any_token_count():
-    """The compiled delta equals its eager form, and a new number of tokens reuses the graph:
-    only the tokens are dynamic."""
+@pytest.mark.parametrize("arrow", [False, True])
+@pytest.mark.parametrize("ab_dtype", [torch.float32, torch.bfloat16])
+def test_routed_output_compiles_once_per_layer_shape_for_any_token_count(arrow, ab_dtype):
+    """The compiled routed output (scores, top-k, softmax, delta, added to the base output)
+    equals the router's choices and an einsum of the chosen experts, rounded once to the
+    output's dtype (bf16 here); a new number of tokens reuses the graph: only the tokens are
+    dynamic."""
     torch.manual_seed(6)
     E, r, d_in, d_out, k = 6, 3, 20, 28, 2
-    A, B = torch.randn(E, r, d_in), torch.randn(E, r, d_out)
+    A, B = torch.randn(E, r, d_in).to(ab_dtype), torch.randn(E, r, d_out).to(ab_dtype)
+    vectors = torch.randn(E, d_in)
+    router = ArrowRouter(vectors, k, temperature=0.7) if arrow else PhatgooseRouter(vectors, k)
     torch._dynamo.reset()
     counts = []
     for n in (40, 75, 40):
-        x = torch.randn(n, d_in)
-        experts = torch.rand(n, E).topk(k, dim=-1).indices
-        weights = torch.rand(n, k)
-        expected = torch.einsum("nkr,nkrd->nd", torch.einsum("nkri,ni->nkr", A[experts], x)
-                                * weights[..., None], B[experts])
-        torch.testing.assert_close(container.compiled_delta(x, A, B, experts, weights),
-                                   expected, atol=1e-5, rtol=1e-5)
+        x, out = torch.randn(n, d_in), torch.randn(n, d_out).bfloat16()
+        projection = router.project(x)
+        weights, experts = router.select(projection, x)
+        expected = torch.einsum("nkr,nkrd->nd", torch.einsum(
+            "nkri,ni->nkr", A[experts].float(), x) * weights[..., None], B[experts].float())
+        routed = container.compiled_routed_output(out, x, projection, A, B, k, arrow, 1e-5, 0.7)
+        assert routed.dtype == torch.bfloat16
+        # equal up to one bf16 rounding step (the fp32 sums may round either way)
+        torch.testing.assert_close(routed.float(), (out.float() + expected).bfloat16().float(),
+                                   atol=1e-6, rtol=2**-7)
         counts.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     assert counts[0] >= 1 and counts == [counts[0]] * 3

@@ -16,9 +16,12 @@ from phatgoose.routing.routers import (
     ArrowRouter,
     PhatgooseRouter,
     TopKRouter,
+    arrow_scores,
     autocast_off,
+    phatgoose_scores,
     scoring,
     scoring_matmul,
+    top_k_weights,
 )
 
 # Below this many (token, expert) pairs the sparse path gathers the chosen experts' factors
@@ -34,11 +37,13 @@ DENSE_MAX_EXPERTS = 8
 # grouped matmul and index_add_ are scalar loops in bf16 (measured 8x slower than the base
 # model's forward at E = 12). Tests turn this off to reach the grouped path on CPU.
 CPU_SPARSE_MATMULS = True
-# Many tokens on CPU run as one compiled gather-and-reduce (``compiled_delta``): inductor makes
-# C++ loops of it, 1.5-1.9x faster than torch's sparse kernels (``_add_sparse_delta``) at 2048
-# tokens, E = 64 and 256 (benchmarks/cpu_delta.py). It needs a C++ compiler: where it cannot
-# compile, the first failure turns it off for the process, with a warning, and the sparse
-# kernels run instead.
+# Many tokens on CPU, routed by PHATGOOSE or Arrow, run as one compiled function per layer
+# shape (``compiled_routed_output``): the scores' scale, top-k, softmax, a gather-and-reduce
+# for the delta and its addition to the base output, which inductor fuses into a few C++ loops.
+# The delta alone was 1.5-1.9x faster than torch's sparse kernels (``_add_sparse_delta``) at
+# 2048 tokens, E = 64 and 256 (benchmarks/cpu_delta.py). It needs a C++ compiler: where it
+# cannot compile, the first failure turns it off for the process, with a warning, and the
+# sparse kernels run instead.
 CPU_COMPILED_DELTA = True
 # what torch.compile raises when it cannot build a kernel (no compiler, a broken toolchain)
 COMPILE_ERRORS = (torch._dynamo.exc.BackendCompilerFailed, OSError)
@@ -174,15 +179,16 @@ class RoutedLinear(nn.Module):
         # x in fp32 (or fp64): the router and a bf16 model's CPU delta read it
         x_scoring, projection = self.routing_inputs(x)
         x_scoring = x_scoring.reshape(flat_x.shape)
+        if kernel == "compiled-gather":
+            routed = self._compiled_output(x_scoring, projection.reshape(
+                flat_x.shape[0], -1), flat_out)
+            if routed is not None:
+                return routed.view(out.shape)
+            kernel = "sparse-matmul"  # it could not be built here
         weights, experts = self.router.select(projection.reshape(flat_x.shape[0], -1), x_scoring)
         n, k = experts.shape
-        if kernel in ("compiled-gather", "sparse-matmul"):  # a bf16 model's delta in fp32
-            x_delta = flat_x if flat_x.dtype in SPARSE_DTYPES else x_scoring
-            if kernel == "compiled-gather" and self._add_compiled_delta(
-                    x_delta, flat_out, weights, experts):
-                return out
-            # the sparse kernels, also where the compiled delta could not be built
-            return self._add_sparse_delta(x_delta, out, flat_out, weights, experts)
+        if kernel == "sparse-matmul":  # a bf16 model's delta in fp32, like x_scoring
+            return self._add_sparse_delta(x_scoring, out, flat_out, weights, experts)
         if kernel == "gather":  # few tokens: gather the chosen experts' factors
             self._add_gathered_delta(flat_x, x_scoring, flat_out, weights, experts)
             return out
@@ -241,7 +247,8 @@ class RoutedLinear(nn.Module):
         if pairs <= GATHER_MAX_PAIRS:
             return "gather"
         if CPU_SPARSE_MATMULS and device == "cpu" and not torch.compiler.is_compiling():
-            return "compiled-gather" if CPU_COMPILED_DELTA else "sparse-matmul"
+            routable = type(self.router) in (PhatgooseRouter, ArrowRouter)
+            return "compiled-gather" if CPU_COMPILED_DELTA and routable else "sparse-matmul"
         return "grouped"
 
     def _add_gathered_delta(self, flat_x: Tensor, x_scoring: Tensor, flat_out: Tensor,
@@ -264,27 +271,25 @@ class RoutedLinear(nn.Module):
             B = self.lora_B.index_select(0, pairs).view(n, k * self.rank, self.d_out)
             flat_out += torch.bmm(hidden, B).view(n, self.d_out)  # the bmm sums over the k
 
-    def _add_compiled_delta(self, x: Tensor, flat_out: Tensor, weights: Tensor,
-                            experts: Tensor) -> bool:
-        """Many tokens on CPU: flat_out += ``compiled_delta``, computed in ``x``'s dtype (fp32
-        for a bf16 model, like ``_add_sparse_delta``, rounded once); False if torch.compile
-        could not build it here, which then turns it off for the process, with a warning.
-        Nothing is written before."""
+    def _compiled_output(self, x: Tensor, projection: Tensor, flat_out: Tensor
+                         ) -> Tensor | None:
+        """Many tokens on CPU: ``compiled_routed_output``, the router's choices from
+        ``projection`` and the delta computed in ``x``'s dtype (fp32 for a bf16 model, like
+        ``_add_sparse_delta``, rounded once); None if torch.compile could not build it here,
+        which then turns it off for the process, with a warning."""
         global CPU_COMPILED_DELTA
+        arrow = type(self.router) is ArrowRouter
         try:
-            delta = compiled_delta(x, self.lora_A.to(x.dtype), self.lora_B.to(x.dtype),
-                                   experts, weights.to(x.dtype))
+            return compiled_routed_output(
+                flat_out, x, projection, self.lora_A, self.lora_B, self.router.top_k,
+                arrow, getattr(self.router, "eps", 1e-5),
+                getattr(self.router, "temperature", 1.0))
         except COMPILE_ERRORS as err:
             CPU_COMPILED_DELTA = False
             warnings.warn(f"the compiled routing delta cannot be built here ({type(err).__name__}"
                           f": {str(err).splitlines()[0][:200]}); routing with torch's sparse "
                           "kernels instead", RuntimeWarning, stacklevel=3)
-            return False
-        if flat_out.dtype == delta.dtype:
-            flat_out += delta
-        else:  # accumulated in fp32, rounded once
-            flat_out.copy_(flat_out.to(delta.dtype).add_(delta))
-        return True
+            return None
 
     def _add_sparse_delta(
         self, flat_x: Tensor, out: Tensor, flat_out: Tensor, weights: Tensor, experts: Tensor
@@ -321,29 +326,46 @@ class RoutedLinear(nn.Module):
 
 def gathered_delta(x: Tensor, A: Tensor, B: Tensor, experts: Tensor, weights: Tensor) -> Tensor:
     """sum_j w_tj (x_t . A_e^T) B_e over each token's chosen experts e = experts[t, j]: (n, d_out)
-    from x (n, d_in), the stacks A (E, r, d_in) and B (E, r, d_out), experts and weights (n, k).
-    Written as gathers and reductions for inductor (``compiled_delta``), which fuses each into
-    one loop over the tokens: no (n, k, r, d) tensor is formed there (it would be, eagerly)."""
-    hidden = (A[experts] * x[:, None, None, :]).sum(-1) * weights[..., None]  # (n, k, r)
-    return (hidden[..., None] * B[experts]).sum((1, 2))
+    from x (n, d_in), the stacks A (E, r, d_in) and B (E, r, d_out) (their gathered rows cast
+    to x's dtype), experts and weights (n, k). Written as gathers and reductions for inductor
+    (``compiled_routed_output``), which fuses each into one loop over the tokens: no
+    (n, k, r, d) tensor is formed there (it would be, eagerly)."""
+    hidden = (A[experts].to(x.dtype) * x[:, None, None, :]).sum(-1) * weights[..., None]
+    return (hidden[..., None] * B[experts].to(x.dtype)).sum((1, 2))  # hidden: (n, k, r)
 
 
-_compiled_gathered_delta = None
+def routed_output(out: Tensor, x: Tensor, projection: Tensor, A: Tensor, B: Tensor,
+                  top_k: int, arrow: bool, eps: float, temperature: float) -> Tensor:
+    """out + the delta of each token's top-k experts (``gathered_delta``), chosen from the
+    router's projection x . v_e (n, E) as ``PhatgooseRouter`` does (``phatgoose_scores``) or,
+    if ``arrow``, ``ArrowRouter`` (``arrow_scores``); the softmax over the k weights them.
+    Computed in x's dtype (fp32 or fp64, ``scoring``) and rounded once to out's: (n, d_out)."""
+    x = scoring(x)
+    scores = (arrow_scores(projection, temperature) if arrow
+              else phatgoose_scores(projection, x, eps))
+    weights, experts = top_k_weights(scores, top_k, many_rows=True)
+    delta = gathered_delta(x, A, B, experts, weights)
+    return (out.to(delta.dtype) + delta).to(out.dtype)
 
 
-def compiled_delta(x: Tensor, A: Tensor, B: Tensor, experts: Tensor, weights: Tensor) -> Tensor:
-    """``gathered_delta`` compiled once per layer shape (d_in, d_out, E, r, k, dtype), for any
-    number of tokens (marked dynamic; the other sizes stay static, which inductor vectorises:
-    all-dynamic shapes ran 1.6x slower)."""
-    global _compiled_gathered_delta
-    if _compiled_gathered_delta is None:
-        _compiled_gathered_delta = torch.compile(gathered_delta, dynamic=False)
-    for t in (x, experts, weights):
+_compiled_routed_output = None
+
+
+def compiled_routed_output(out: Tensor, x: Tensor, projection: Tensor, A: Tensor, B: Tensor,
+                           top_k: int, arrow: bool, eps: float, temperature: float) -> Tensor:
+    """``routed_output`` compiled once per layer shape (d_in, d_out, E, r, k, dtypes, router
+    kind), for any number of tokens (marked dynamic; the other sizes stay static, which inductor
+    vectorises: all-dynamic shapes ran 1.6x slower)."""
+    global _compiled_routed_output
+    if _compiled_routed_output is None:
+        _compiled_routed_output = torch.compile(routed_output, dynamic=False)
+    for t in (out, x, projection):
         torch._dynamo.mark_dynamic(t, 0)
     # one graph per layer shape: a model has a few, several libraries a few more than dynamo's
-    # default limit of 8 (past which it would run the gathers eagerly)
+    # default limit of 8 (past which it would run eagerly)
     with torch._dynamo.config.patch(recompile_limit=64):
-        return _compiled_gathered_delta(x, A, B, experts, weights)
+        return _compiled_routed_output(out, x, projection, A, B, top_k, arrow, eps,
+                                       temperature)
 
 
 def replayed(gpu: bool) -> bool:

@@ -47,16 +47,19 @@ def standardise(t: Tensor, eps: float = 1e-5) -> Tensor:
 MANY_ROWS = 256
 
 
-def top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def top_k(scores: Tensor, k: int, many_rows: bool | None = None) -> tuple[Tensor, Tensor]:
     """(values, indices) of the k highest scores of each row, highest first, like ``topk``.
 
     torch's CPU topk runs a partial sort only when 64 k <= E; below that (E = 64 at k = 2, the
     default) its per-row nth_element took 3.1x as long as k passes of ``max`` (2048 x 64 scores,
     AMD EPYC, fp32; benchmarks/top_k_forms.py). So on CPU, for many rows and k <= 2, the
-    passes of max, each masking the expert it found."""
+    passes of max, each masking the expert it found. ``many_rows``: whether there are many
+    (None: at least MANY_ROWS, and not under torch.compile, where the row count is symbolic)."""
     k, experts = min(k, scores.shape[-1]), scores.shape[-1]
-    if not (k <= 2 and 64 * k > experts and scores.device.type == "cpu"
-            and scores.numel() >= MANY_ROWS * experts and not torch.compiler.is_compiling()):
+    if many_rows is None:
+        many_rows = (not torch.compiler.is_compiling()
+                     and scores.numel() >= MANY_ROWS * experts)
+    if not (k <= 2 and 64 * k > experts and scores.device.type == "cpu" and many_rows):
         return scores.topk(k, dim=-1)
     values, indices = scores.max(dim=-1, keepdim=True)
     if k == 2:
@@ -65,9 +68,11 @@ def top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return values, indices
 
 
-def top_k_weights(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Softmax over the k highest scores of each row: (weights, indices), each (..., k), fp32."""
-    values, indices = top_k(scoring(scores), k)
+def top_k_weights(scores: Tensor, k: int, many_rows: bool | None = None
+                  ) -> tuple[Tensor, Tensor]:
+    """Softmax over the k highest scores of each row: (weights, indices), each (..., k), fp32.
+    (``many_rows``: see ``top_k``.)"""
+    values, indices = top_k(scoring(scores), k, many_rows)
     return values.softmax(dim=-1), indices
 
 
@@ -126,18 +131,29 @@ class PhatgooseRouter(TopKRouter):
         self.register_buffer("vectors", standardise(vectors.float(), eps))
 
     def scores_from(self, projection: Tensor, x: Tensor) -> Tensor:
-        d = x.shape[-1]
-        # 1 / sigma_x from LayerNorm's own kernel (one op; var() is ~5x slower on CPU; the norm
-        # of the centred rows, faster alone, saved nothing in a whole prefill)
-        inv_sigma = torch.native_layer_norm(scoring(x).reshape(-1, d), [d], None, None,
-                                            self.eps)[2].view(*x.shape[:-1], 1)
-        return projection * (inv_sigma * (1 / math.sqrt(d)))
+        return phatgoose_scores(projection, x, self.eps)
 
     def scores(self, x: Tensor) -> Tensor:
         return self.scores_from(self.project(x), x)
 
     def select(self, projection: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         return top_k_weights(self.scores_from(projection, x), self.top_k)
+
+
+def phatgoose_scores(projection: Tensor, x: Tensor, eps: float = 1e-5) -> Tensor:
+    """PHATGOOSE's scores LN(x) . LN(v_i) / sqrt(d) from the projection x . v~_i (v~ the
+    standardised vectors): projection / sigma_x / sqrt(d), sigma_x in the scoring precision."""
+    d = x.shape[-1]
+    # 1 / sigma_x from LayerNorm's own kernel (one op; var() is ~5x slower on CPU; the norm
+    # of the centred rows, faster alone, saved nothing in a whole prefill)
+    inv_sigma = torch.native_layer_norm(scoring(x).reshape(-1, d), [d], None, None,
+                                        eps)[2].view(*x.shape[:-1], 1)
+    return projection * (inv_sigma * (1 / math.sqrt(d)))
+
+
+def arrow_scores(projection: Tensor, temperature: float = 1.0) -> Tensor:
+    """Arrow's scores |x . p_i| / temperature from the projection x . p_i."""
+    return projection.abs() / temperature
 
 
 class SigmoidGate(nn.Module):
@@ -176,7 +192,7 @@ class ArrowRouter(TopKRouter):
         self.register_buffer("vectors", prototypes.float())
 
     def select(self, projection: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        return top_k_weights(projection.abs() / self.temperature, self.top_k)
+        return top_k_weights(arrow_scores(projection, self.temperature), self.top_k)
 
 
 def top_right_singular_vector(A: Tensor, B: Tensor) -> Tensor:
