@@ -11,8 +11,13 @@ False``), alone and in whole prefills.
    seconds (compiling) and the largest difference between the two outputs (a bf16 output
    under --dtype bf16-autocast: there, one bf16 rounding step).
 2. One 8 x 256-token prefill of SmolLM2-135M (random weights) routed among E synthetic experts
-   on the sparse path: the base layers only, routed with the sparse kernels, routed as shipped;
-   interleaved, medians of --repeats rounds after a warm-up round.
+   on the sparse path: the base layers only, routed with the alternative (--against: the
+   sparse kernels; or, in bf16, the router's matmul in fp32 instead of bf16 candidates
+   rescored in fp32, ``container.BF16_ROUTER_MATMUL``), routed as shipped; interleaved, medians
+   of --repeats rounds after a warm-up round.
+
+    python benchmarks/cpu_delta.py --experts 64 256 1024 --dtype bf16-autocast --no-alone \
+        --against "fp32 router matmul"
 """
 
 from __future__ import annotations
@@ -83,27 +88,38 @@ def ship_compiled(shipped: bool) -> None:
     container.CPU_COMPILED_DELTA = shipped
 
 
+def ship_bf16_router(shipped: bool) -> None:
+    container.BF16_ROUTER_MATMUL = None if shipped else False
+
+
+AGAINST = {"sparse kernels": ship_compiled, "fp32 router matmul": ship_bf16_router}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experts", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--no-prefill", action="store_true", help="only the delta alone")
+    parser.add_argument("--no-alone", action="store_true", help="only the prefill")
+    parser.add_argument("--against", choices=list(AGAINST), default="sparse kernels",
+                        help="the prefill's alternative: torch's sparse kernels, or (in bf16) "
+                        "the router's matmul in fp32 rather than bf16 candidates")
     parser.add_argument("--out", help="also write the results as JSON here")
     args = parser.parse_args()
     results: dict = {"threads": torch.get_num_threads(), "dtype": args.dtype, "alone": {},
                      "prefill": {}}
-    print("| E | layer | eager selection, sparse kernels (ms) | compiled (ms) | first call (s) | max rel. diff |\n"
-          "|---:|---|---:|---:|---:|---:|")
-    for e in args.experts:
+    print("| E | layer | eager selection, sparse kernels (ms) | compiled (ms) | first call (s) "
+          "| max rel. diff |\n|---:|---|---:|---:|---:|---:|")
+    for e in [] if args.no_alone else args.experts:
         results["alone"][e] = delta_alone(e, args.repeats, torch.float32 if args.dtype == "fp32"
                                           else torch.bfloat16)
         for shape, r in results["alone"][e].items():
             print(f"| {e} | {shape} | {r['sparse_ms']:.2f} | {r['compiled_ms']:.2f} | "
                   f"{r['first_call_s']:.1f} | {r['max_rel_diff']:.1e} |", flush=True)
     if not args.no_prefill:
-        results["prefill"] = print_shipped_or_not(args.experts, args.repeats, "sparse kernels",
-                                                   ship_compiled, args.dtype)
+        results["prefill"] = print_shipped_or_not(args.experts, args.repeats, args.against,
+                                                   AGAINST[args.against], args.dtype)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -1,6 +1,7 @@
 """The sparse (top-k) routed path against the dense reference path, the folded router
 standardisation, and the router matmul shared by modules that read the same input."""
 
+import contextlib
 import copy
 import math
 
@@ -385,10 +386,59 @@ def test_routed_output_compiles_once_per_layer_shape_for_any_token_count(arrow, 
         weights, experts = router.select(projection, x)
         expected = torch.einsum("nkr,nkrd->nd", torch.einsum(
             "nkri,ni->nkr", A[experts].float(), x) * weights[..., None], B[experts].float())
-        routed = container.compiled_routed_output(out, x, projection, A, B, k, arrow, 1e-5, 0.7)
+        routed = container.compiled_routed_output(out, x, projection, router.vectors, A, B, k,
+                                                  0, arrow, 1e-5, 0.7)
         assert routed.dtype == torch.bfloat16
         # equal up to one bf16 rounding step (the fp32 sums may round either way)
         torch.testing.assert_close(routed.float(), (out.float() + expected).bfloat16().float(),
                                    atol=1e-6, rtol=2**-7)
         counts.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     assert counts[0] >= 1 and counts == [counts[0]] * 3
+
+
+@pytest.mark.parametrize("kind", ["phatgoose", "arrow"])
+@pytest.mark.parametrize("model_dtype", ["bf16", "bf16-autocast"])
+def test_bf16_router_matmul_picks_candidates_rescored_in_fp32(kind, model_dtype, monkeypatch):
+    """A model computing in bf16 routes many tokens on CPU from a bf16 router matmul that only
+    picks k + EXTRA_CANDIDATES candidates, scored again in fp32: the same choices and output as
+    the exact fp32 router, also where bf16 scores cannot tell the best expert apart."""
+    monkeypatch.setattr(container, "BF16_ROUTER_MATMUL", True)
+    torch.manual_seed(8)
+    d_in, d_out, n_experts, tokens = 64, 40, 12, 300
+    x = torch.randn(tokens, d_in)
+    vectors = torch.randn(n_experts, d_in)
+    # experts 0 and 1 both close to token 0, expert 1 a hair closer: its score beats expert
+    # 0's by far less than bf16 can tell
+    vectors[0] = standardise(x[0]) + 0.3 * vectors[0]
+    vectors[1] = vectors[0] + 3e-3 * standardise(x[0])
+    router = (PhatgooseRouter(vectors, top_k=1) if kind == "phatgoose"
+              else ArrowRouter(vectors, top_k=1, temperature=0.5))
+    assert router.select(router.project(x), x)[1][0, 0] == 1
+    approximate = container.bf16_projection(x, router.vectors).abs()  # positive for both
+    assert approximate[0, 0] >= approximate[0, 1]  # bf16 alone: expert 0, or a tie
+    layer = RoutedLinear.from_experts(
+        nn.Linear(d_in, d_out), random_loras(d_in, d_out, [4] * n_experts), router)
+    layer.path = "sparse"
+    if model_dtype == "bf16":
+        layer = layer.to(torch.bfloat16)
+        x_in, context = x.bfloat16(), contextlib.nullcontext()
+    else:
+        x_in, context = x, torch.autocast("cpu", dtype=torch.bfloat16)
+    # the same numbers in fp32, routed exactly (by the same kernel)
+    reference = copy.deepcopy(layer).float()
+    assert reference.router.select(reference.router.project(x_in.float()), x_in.float())[1][
+        0, 0] == 1
+    original, calls = container.bf16_projection, []
+    monkeypatch.setattr(container, "bf16_projection",
+                        lambda *args: calls.append(1) or original(*args))
+    assert not reference.bf16_candidates(x)  # fp32, no autocast: the exact router
+    with context:
+        assert layer.bf16_candidates(x_in)
+        out = layer(x_in).float()
+    assert calls  # the candidates came from the bf16 matmul
+    expected = reference(x_in.float())
+    torch.testing.assert_close(out, expected, rtol=0, atol=2e-2 * float(expected.abs().max()))
+    # token 0 got expert 1's delta, not expert 0's, which differs by far more than bf16's error
+    A, B = reference.lora_A, reference.lora_B
+    with_expert_0 = reference.base(x_in.float()[0]) + B[0].T @ (A[0] @ x_in.float()[0])
+    assert (out[0] - expected[0]).abs().max() < (with_expert_0 - expected[0]).abs().max() / 4

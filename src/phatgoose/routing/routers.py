@@ -47,24 +47,29 @@ def standardise(t: Tensor, eps: float = 1e-5) -> Tensor:
 MANY_ROWS = 256
 
 
-def top_k(scores: Tensor, k: int, many_rows: bool | None = None) -> tuple[Tensor, Tensor]:
+def top_k(scores: Tensor, k: int, many_rows: bool | None = None, max_passes: int = 2
+          ) -> tuple[Tensor, Tensor]:
     """(values, indices) of the k highest scores of each row, highest first, like ``topk``.
 
     torch's CPU topk runs a partial sort only when 64 k <= E; below that (E = 64 at k = 2, the
     default) its per-row nth_element took 3.1x as long as k passes of ``max`` (2048 x 64 scores,
-    AMD EPYC, fp32; benchmarks/top_k_forms.py). So on CPU, for many rows and k <= 2, the
-    passes of max, each masking the expert it found. ``many_rows``: whether there are many
-    (None: at least MANY_ROWS, and not under torch.compile, where the row count is symbolic)."""
+    AMD EPYC, fp32; benchmarks/top_k_forms.py). So on CPU, for many rows and k <= ``max_passes``
+    (2; compiled, 4 passes of max also beat topk's slow path: 0.27 against 0.57 ms at 2048 x 64
+    on an AMD EPYC with AVX-512), the passes of max, each masking the expert it found.
+    ``many_rows``: whether there are many (None: at least MANY_ROWS, and not under
+    torch.compile, where the row count is symbolic)."""
     k, experts = min(k, scores.shape[-1]), scores.shape[-1]
     if many_rows is None:
         many_rows = (not torch.compiler.is_compiling()
                      and scores.numel() >= MANY_ROWS * experts)
-    if not (k <= 2 and 64 * k > experts and scores.device.type == "cpu" and many_rows):
+    if not (k <= max_passes and 64 * k > experts and scores.device.type == "cpu"
+            and many_rows):
         return scores.topk(k, dim=-1)
     values, indices = scores.max(dim=-1, keepdim=True)
-    if k == 2:
-        second, index = scores.scatter(-1, indices, float("-inf")).max(dim=-1, keepdim=True)
-        values, indices = torch.cat([values, second], -1), torch.cat([indices, index], -1)
+    for _ in range(k - 1):
+        masked = scores.scatter(-1, indices, float("-inf"))
+        value, index = masked.max(dim=-1, keepdim=True)
+        values, indices = torch.cat([values, value], -1), torch.cat([indices, index], -1)
     return values, indices
 
 
