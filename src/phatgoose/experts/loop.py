@@ -48,7 +48,8 @@ class TrainConfig:
     eval_every: int = 100  # validate every N steps (and at the end) and keep the best
     max_input_tokens: int = 512
     max_target_tokens: int = 512
-    # bf16 autocast; None: where it is faster (CUDA, CPUs with AMX; models.bf16_is_faster).
+    # bf16 autocast; None: where it is faster (CUDA, CPUs with AMX or AVX512-BF16;
+    # models.bf16_is_faster).
     # fp32 by default: with bf16 experts and gates, PHATGOOSE lost 0.07 on held-in tasks in
     # the full benchmark (docs/PERFORMANCE.md, target 7)
     bf16: bool | None = False
