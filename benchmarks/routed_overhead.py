@@ -8,9 +8,12 @@ Stages, each timed as a whole forward (median of --repeats rounds that run every
 turn, after a warm-up round):
 - base: every routed module runs only its base layer;
 - + projection: and the router's matmul (shared by sibling modules), input cast to fp32;
-- + selection: and the PHATGOOSE scores' scale, top-k and softmax (the routing, no delta);
-- full: the routed forward as shipped (routing and the experts' delta);
-- delta only: the delta of fixed random choices, without routing (what the delta costs).
+- + selection: and the PHATGOOSE scores' scale, top-k and softmax (the routing, no delta),
+  eagerly;
+- full: the routed forward as shipped (routing and the experts' delta; on CPU the selection
+  and the delta run as one compiled function, and in bf16 the router's matmul too is bf16,
+  picking candidates: so "full" is not the sum of the stages before it);
+- delta only: the delta of fixed random choices by torch's sparse kernels, without routing.
 Unlike torch.profiler (``profile_routed.py``), which on this CPU inflated some copies and
 LayerNorms several times over, these are wall times of the real forward.
 """
@@ -62,7 +65,9 @@ _FIXED: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def delta_only(self: RoutedLinear, x: torch.Tensor) -> torch.Tensor:
-    """The shipped delta (``_add_sparse_delta``) for fixed random choices of top-k experts."""
+    """The delta by torch's sparse kernels (``_add_sparse_delta``; the shipped CPU path
+    computes it inside ``container.compiled_routed_output``, with the routing) for fixed random
+    choices of top-k experts."""
     out = self.base(x).contiguous()
     flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1, self.d_out)
     key = (flat_x.shape[0], self.num_experts)

@@ -124,6 +124,27 @@ def test_top_k_takes_passes_of_max_where_cpu_topk_is_slow(monkeypatch):
         top_k(torch.randn(MANY_ROWS, 128), 2)  # 64 k <= E: torch's partial sort
 
 
+@pytest.mark.parametrize("k", [3, 4])
+def test_top_k_takes_up_to_max_passes_of_max_as_asked(k, monkeypatch):
+    """``max_passes`` raises the k done by passes of max (the compiled routing's candidates,
+    k + 2 of them), ``many_rows`` states the row count (symbolic under torch.compile): the same
+    values and experts as torch's topk, highest first."""
+    torch.manual_seed(k)
+    scores = torch.randn(40, 64)
+    expected = scores.topk(k, dim=-1)
+
+    def no_topk(*args, **kwargs):
+        raise AssertionError("torch's topk ran")
+
+    monkeypatch.setattr(torch.Tensor, "topk", no_topk)
+    values, indices = top_k(scores, k, many_rows=True, max_passes=4)
+    assert torch.equal(indices, expected.indices) and torch.equal(values, expected.values)
+    with pytest.raises(AssertionError, match="topk ran"):
+        top_k(scores, k, many_rows=True)  # k above the default 2 passes
+    with pytest.raises(AssertionError, match="topk ran"):
+        top_k(scores, k, max_passes=4)  # 40 rows: not many, unless told
+
+
 def test_top_k_with_tied_scores_returns_two_distinct_experts():
     scores = torch.zeros(MANY_ROWS, 64)
     scores[:, 7] = scores[:, 30] = 5.0
