@@ -73,8 +73,8 @@ def one_shape(d_in: int, d_out: int, experts: int, repeats: int, out_dtype: torc
         return layer._add_sparse_delta(x, out, out, weights, experts)
 
     def compiled():
-        return container.compiled_routed_output(base_out, x, projection, A, B, TOP_K, False,
-                                                router.eps, 1.0)
+        return container.compiled_routed_output(base_out, x, projection, router.vectors, A, B,
+                                                TOP_K, 0, False, router.eps, 1.0)
     start = time.perf_counter()
     ours = compiled().float()
     first = time.perf_counter() - start

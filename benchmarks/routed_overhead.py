@@ -39,6 +39,7 @@ from routed_inference import (
 )
 
 from phatgoose.routing.container import RoutedLinear
+from phatgoose.routing.routers import scoring
 
 SHIPPED = RoutedLinear.sparse_forward
 
@@ -77,7 +78,7 @@ def delta_only(self: RoutedLinear, x: torch.Tensor) -> torch.Tensor:
         _FIXED[key] = tuple(scores.topk(TOP_K, dim=-1))  # (weights, experts): distinct experts
     weights, experts = _FIXED[key]
     weights = weights.softmax(-1)
-    return self._add_sparse_delta(flat_x.float(), out, flat_out, weights, experts)
+    return self._add_sparse_delta(scoring(flat_x), out, flat_out, weights, experts)
 
 
 STAGES = {"base": base_only, "+ projection": with_projection, "+ selection": with_selection,

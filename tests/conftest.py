@@ -47,8 +47,9 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 
 @pytest.fixture(autouse=True)
 def fp32_where_bf16_is_unset():
-    """A ``bf16`` setting left unset runs bf16 on CPUs with AMX: the tests pin fp32 there, so
-    that they compute the same on every machine (tests of bf16 ask for it, or patch this).
+    """A ``bf16`` setting left unset runs bf16 on CPUs with AMX or AVX512-BF16: the tests pin
+    fp32 there, so that they compute the same on every machine (tests of bf16 ask for it, or
+    patch this).
     Its own MonkeyPatch: a test's ``monkeypatch.undo()`` leaves it in place."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("phatgoose.models.base.bf16_is_faster", lambda device: False)

@@ -432,13 +432,49 @@ def test_bf16_router_matmul_picks_candidates_rescored_in_fp32(kind, model_dtype,
     monkeypatch.setattr(container, "bf16_projection",
                         lambda *args: calls.append(1) or original(*args))
     assert not reference.bf16_candidates(x)  # fp32, no autocast: the exact router
-    with context:
+    def no_sparse_kernels(*args, **kwargs):
+        raise AssertionError("the compiled routing should run, not the sparse kernels")
+
+    with context, monkeypatch.context() as no_fallback:
+        no_fallback.setattr(torch.sparse, "sampled_addmm", no_sparse_kernels)
         assert layer.bf16_candidates(x_in)
         out = layer(x_in).float()
-    assert calls  # the candidates came from the bf16 matmul
+    assert calls and container.CPU_COMPILED_DELTA  # compiled, from the bf16 matmul
     expected = reference(x_in.float())
     torch.testing.assert_close(out, expected, rtol=0, atol=2e-2 * float(expected.abs().max()))
     # token 0 got expert 1's delta, not expert 0's, which differs by far more than bf16's error
     A, B = reference.lora_A, reference.lora_B
     with_expert_0 = reference.base(x_in.float()[0]) + B[0].T @ (A[0] @ x_in.float()[0])
     assert (out[0] - expected[0]).abs().max() < (with_expert_0 - expected[0]).abs().max() / 4
+
+
+def test_shared_projection_serves_bf16_candidates_and_exact_projections_apart(monkeypatch):
+    """Under bf16 autocast, q/k/v-like siblings share one bf16 router matmul for their
+    candidates; a sibling with too few experts for candidates gets the exact fp32 projection
+    of the same input. Each routes as it would alone, by the exact fp32 router."""
+    monkeypatch.setattr(container, "BF16_ROUTER_MATMUL", True)
+    torch.manual_seed(9)
+    d_in, tokens = 48, 260
+    members = [RoutedLinear.from_experts(
+        nn.Linear(d_in, d_out), random_loras(d_in, d_out, [4] * n_experts),
+        PhatgooseRouter(torch.randn(n_experts, d_in), 2)) for d_out, n_experts in
+        ((32, 12), (16, 12), (16, 4))]  # 4 experts: no room for k + 2 candidates
+    references = copy.deepcopy(members)
+    group = SharedProjection(members)
+    for m in members:
+        m.path = "sparse"
+    x = torch.randn(tokens, d_in)
+    original, modes = container.bf16_projection, []
+    monkeypatch.setattr(container, "bf16_projection",
+                        lambda *args: modes.append("bf16") or original(*args))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert [m.bf16_candidates(x) for m in members] == [True, True, False]
+        outs = [m(x).float() for m in members]
+    assert modes == ["bf16"]  # one bf16 matmul for the group
+    assert group._input is None  # every member served: the input let go
+    monkeypatch.setattr(container, "BF16_ROUTER_MATMUL", False)
+    for out, reference in zip(outs, references):
+        reference.path = "sparse"
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = reference(x).float()  # alone, by the exact fp32 router
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-2 * float(expected.abs().max()))

@@ -21,6 +21,7 @@ from phatgoose.routing.routers import (
     autocast_off,
     phatgoose_scores,
     scoring,
+    scoring_dtype,
     scoring_matmul,
     top_k,
     top_k_weights,
@@ -57,8 +58,6 @@ BF16_ROUTER_MATMUL: bool | None = None
 EXTRA_CANDIDATES = 2
 # what torch.compile raises when it cannot build a kernel (no compiler, a broken toolchain)
 COMPILE_ERRORS = (torch._dynamo.exc.BackendCompilerFailed, OSError)
-# dtypes of torch's CPU sparse kernels (sampled_addmm has no bf16): others run them in fp32
-SPARSE_DTYPES = (torch.float32, torch.float64)
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 # On a GPU the sparse path's kernel depends on how the forward is launched (measured on an
 # H200 in bf16, SmolLM2's 210 modules, E = 8 to 256; docs/PERFORMANCE.md):
@@ -95,8 +94,10 @@ class RoutedLinear(nn.Module):
     - ``sparse`` (the default for ``TopKRouter``s): only the k chosen experts run per token,
       k r (d_in + d_out) multiply-adds, by the kernel ``sparse_kernel`` picks for the tokens,
       device and dtype: with few tokens, gathering their factors (in the stacks' dtype,
-      outside autocast); with many, on CPU, one compiled gather-and-reduce (``compiled_delta``;
-      else sparse matmuls; a bf16 model's delta in fp32), elsewhere grouped matmuls over
+      outside autocast); with many, on CPU, one compiled function that routes and adds a
+      gather-and-reduce delta (``compiled_routed_output``; in bf16, from a bf16 router matmul
+      that picks candidates; else sparse matmuls; a bf16 model's delta in fp32), elsewhere
+      grouped matmuls over
       (token, slot) pairs sorted by expert. Where it is faster, the dense path's matmuls
       instead (up to ``DENSE_MAX_EXPERTS`` experts on CPU; on a GPU, more than one token
       replayed as a CUDA graph). On a GPU, router, top-k and LoRA otherwise run as
@@ -184,9 +185,10 @@ class RoutedLinear(nn.Module):
         picks candidates (``BF16_ROUTER_MATMUL``): where the model computes in bf16."""
         in_bf16 = x.dtype == torch.bfloat16 or (
             torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-        enabled = (models_base.bf16_is_faster(torch.device("cpu"))
-                   if BF16_ROUTER_MATMUL is None else BF16_ROUTER_MATMUL)
-        return in_bf16 and enabled and self.num_experts > self.router.top_k + EXTRA_CANDIDATES
+        if not in_bf16 or self.num_experts <= self.router.top_k + EXTRA_CANDIDATES:
+            return False
+        return (models_base.bf16_is_faster(torch.device("cpu")) if BF16_ROUTER_MATMUL is None
+                else BF16_ROUTER_MATMUL)
 
     def sparse_forward(self, x: Tensor) -> Tensor:
         out = self.base(x).contiguous()  # added into in place, through a flat view
@@ -305,12 +307,16 @@ class RoutedLinear(nn.Module):
         warning."""
         global CPU_COMPILED_DELTA
         arrow = type(self.router) is ArrowRouter
+        vectors = (self.router.vectors if self.shared is None
+                   else self.shared[0].member_vectors(self.shared[1]))
         try:
             return compiled_routed_output(
-                flat_out, x, projection, self.router.vectors, self.lora_A, self.lora_B,
+                flat_out, x, projection, vectors, self.lora_A, self.lora_B,
                 self.router.top_k, self.router.top_k + EXTRA_CANDIDATES if candidates else 0,
                 arrow, getattr(self.router, "eps", 1e-5),
                 getattr(self.router, "temperature", 1.0))
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            return None  # too many layer shapes: this call runs the sparse kernels
         except COMPILE_ERRORS as err:
             CPU_COMPILED_DELTA = False
             warnings.warn(f"the compiled routing delta cannot be built here ({type(err).__name__}"
@@ -401,9 +407,10 @@ def compiled_routed_output(out: Tensor, x: Tensor, projection: Tensor, vectors: 
         _compiled_routed_output = torch.compile(routed_output, dynamic=False)
     for t in (out, x, projection):
         torch._dynamo.mark_dynamic(t, 0)
-    # one graph per layer shape: a model has a few, several libraries a few more than dynamo's
-    # default limit of 8 (past which it would run eagerly)
-    with torch._dynamo.config.patch(recompile_limit=64):
+    # one graph per layer shape and dtypes: a model has a few, several libraries a few more
+    # than dynamo's default limit of 8. Past the limit, dynamo raises (FailOnRecompileLimitHit)
+    # rather than run it eagerly, which would form (n, k, r, d) tensors.
+    with torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True):
         return _compiled_routed_output(out, x, projection, vectors, A, B, k, candidates,
                                        arrow, eps, temperature)
 
@@ -455,10 +462,10 @@ class SharedProjection:
     def __init__(self, members: list[RoutedLinear]) -> None:
         self.vectors = torch.cat([m.router.vectors.float() for m in members])
         self.sizes = [m.router.vectors.shape[0] for m in members]
-        self._key: tuple[int, int, bool] | None = None
+        self._key: tuple[int, int] | None = None
         self._input: Tensor | None = None
-        self._x_scoring: Tensor | None = None
-        self._parts: list[Tensor] = []
+        # per bf16 mode (see ``inputs``): x as the members route it, and their projections
+        self._modes: dict[bool, tuple[Tensor, tuple[Tensor, ...]]] = {}
         self._served: set[int] = set()
         for i, m in enumerate(members):
             m.shared = (self, i)
@@ -466,22 +473,27 @@ class SharedProjection:
     def inputs(self, index: int, x: Tensor, bf16: bool = False) -> tuple[Tensor, Tensor]:
         """Member ``index``'s ``RoutedLinear.routing_inputs(x, bf16)``: x in the routing
         precision (with ``bf16``: as it is) and its projection on that member's vectors."""
-        key = (id(x), x._version, bf16)
+        key = (id(x), x._version)
         if self._input is not x or self._key != key:
+            self._input, self._key, self._modes, self._served = x, key, {}, set()
+        if bf16 not in self._modes:  # members may differ (another E, the dense path)
             x_scoring = x if bf16 else scoring(x)
-            dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # scoring's
+            dtype = scoring_dtype(x.dtype)
             if self.vectors.device != x.device or self.vectors.dtype != dtype:
                 self.vectors = self.vectors.to(x.device, dtype)
-            self._input, self._key, self._x_scoring = x, key, x_scoring
             projection = (bf16_projection(x, self.vectors) if bf16
                           else scoring_matmul(x_scoring, self.vectors))
-            self._parts = list(projection.split(self.sizes, dim=-1))
-            self._served = set()
-        served = self._x_scoring, self._parts[index]
+            self._modes[bf16] = x_scoring, projection.split(self.sizes, dim=-1)
+        x_scoring, parts = self._modes[bf16]
         self._served.add(index)
         if len(self._served) == len(self.sizes):  # every member served: let the input go
-            self._input, self._key, self._x_scoring, self._parts = None, None, None, []
-        return served
+            self._input, self._key, self._modes = None, None, {}
+        return x_scoring, parts[index]
+
+    def member_vectors(self, index: int) -> Tensor:
+        """Member ``index``'s routing vectors, as the group projects with them."""
+        start = sum(self.sizes[:index])
+        return self.vectors[start:start + self.sizes[index]]
 
 
 # Module-name suffixes that read the same input in common architectures (Llama/Mistral/Qwen,

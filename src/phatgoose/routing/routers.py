@@ -14,10 +14,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def scoring_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision routing scores are computed in for inputs of ``dtype``: fp32, or fp64 for
+    fp64 inputs (never below fp32, whatever the model was cast to)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def scoring(t: Tensor) -> Tensor:
-    """``t`` in the precision routing scores are computed in: fp32, or fp64 for fp64 inputs
-    (never below fp32, whatever the model was cast to)."""
-    return t if t.dtype == torch.float64 else t.float()
+    """``t`` in the scoring precision (``scoring_dtype``)."""
+    return t.to(scoring_dtype(t.dtype))
 
 
 def scoring_matmul(x: Tensor, vectors: Tensor) -> Tensor:
@@ -53,9 +58,10 @@ def top_k(scores: Tensor, k: int, many_rows: bool | None = None, max_passes: int
 
     torch's CPU topk runs a partial sort only when 64 k <= E; below that (E = 64 at k = 2, the
     default) its per-row nth_element took 3.1x as long as k passes of ``max`` (2048 x 64 scores,
-    AMD EPYC, fp32; benchmarks/top_k_forms.py). So on CPU, for many rows and k <= ``max_passes``
-    (2; compiled, 4 passes of max also beat topk's slow path: 0.27 against 0.57 ms at 2048 x 64
-    on an AMD EPYC with AVX-512), the passes of max, each masking the expert it found.
+    AMD EPYC, fp32; benchmarks/top_k_forms.py). So on CPU, for many rows and k <= ``max_passes``,
+    the passes of max, each masking the expert it found. ``max_passes`` is 2 by default; the
+    compiled routing's candidates use 4 (compiled, 4 passes took 0.27 ms against topk's 0.57 at
+    2048 x 64, on an AMD EPYC with AVX-512).
     ``many_rows``: whether there are many (None: at least MANY_ROWS, and not under
     torch.compile, where the row count is symbolic)."""
     k, experts = min(k, scores.shape[-1]), scores.shape[-1]
