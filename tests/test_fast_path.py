@@ -478,3 +478,25 @@ def test_shared_projection_serves_bf16_candidates_and_exact_projections_apart(mo
         with torch.autocast("cpu", dtype=torch.bfloat16):
             expected = reference(x).float()  # alone, by the exact fp32 router
         torch.testing.assert_close(out, expected, rtol=0, atol=1e-2 * float(expected.abs().max()))
+
+
+def test_past_the_compiled_graphs_limit_a_new_layer_shape_runs_the_sparse_kernels(monkeypatch):
+    """Past COMPILED_GRAPHS, a layer shape that would need a new graph runs the sparse kernels
+    (not the compiled function eagerly, which would form (n, k, r, d) tensors), with the same
+    result; the compiled path stays on for the shapes it has."""
+    monkeypatch.setattr(container, "COMPILED_GRAPHS", 1)
+    torch._dynamo.reset()
+    torch.manual_seed(10)
+    layers = [RoutedLinear.from_experts(
+        nn.Linear(d_in, 12), random_loras(d_in, 12, [4] * 10),
+        PhatgooseRouter(torch.randn(10, d_in), 2)) for d_in in (16, 20)]
+    sparse_kernel_calls = []
+    original = RoutedLinear._add_sparse_delta
+    monkeypatch.setattr(RoutedLinear, "_add_sparse_delta",
+                        lambda *args: sparse_kernel_calls.append(1) or original(*args))
+    for calls, layer in zip(([], [1]), layers):
+        x = torch.randn(100, layer.lora_A.shape[-1])
+        sparse = layer(x)
+        assert sparse_kernel_calls == calls and container.CPU_COMPILED_DELTA
+        layer.path = "dense"
+        torch.testing.assert_close(sparse, layer(x), atol=1e-5, rtol=1e-5)

@@ -394,6 +394,8 @@ def routed_output(out: Tensor, x: Tensor, projection: Tensor, vectors: Tensor, A
 
 
 _compiled_routed_output = None
+# the most graphs ``compiled_routed_output`` compiles; past it, calls run the sparse kernels
+COMPILED_GRAPHS = 64
 
 
 def compiled_routed_output(out: Tensor, x: Tensor, projection: Tensor, vectors: Tensor,
@@ -410,7 +412,8 @@ def compiled_routed_output(out: Tensor, x: Tensor, projection: Tensor, vectors: 
     # one graph per layer shape and dtypes: a model has a few, several libraries a few more
     # than dynamo's default limit of 8. Past the limit, dynamo raises (FailOnRecompileLimitHit)
     # rather than run it eagerly, which would form (n, k, r, d) tensors.
-    with torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True):
+    with torch._dynamo.config.patch(recompile_limit=COMPILED_GRAPHS,
+                                    fail_on_recompile_limit_hit=True):
         return _compiled_routed_output(out, x, projection, vectors, A, B, k, candidates,
                                        arrow, eps, temperature)
 
