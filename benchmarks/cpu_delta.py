@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
 from routed_inference import BATCH, DTYPES, SEQ, TOP_K
-from routed_overhead import print_shipped_or_not
+from routed_overhead import median_seconds, print_shipped_or_not
 
 from phatgoose.routing import container
 from phatgoose.routing.container import RoutedLinear
@@ -39,15 +38,8 @@ RANK = 8
 SHAPES = ((576, 576), (576, 1536), (1536, 576))
 
 
-def median_ms(fn, repeats: int, calls: int = 20) -> float:
-    fn()
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        runs.append((time.perf_counter() - start) / calls * 1e3)
-    return statistics.median(runs)
+def median_ms(fn, repeats: int) -> float:
+    return median_seconds(fn, repeats, calls=20) * 1e3
 
 
 def delta_alone(experts: int, repeats: int, out_dtype: torch.dtype) -> dict:

@@ -85,6 +85,19 @@ STAGES = {"base": base_only, "+ projection": with_projection, "+ selection": wit
           "full": SHIPPED, "delta only": delta_only}
 
 
+def median_seconds(fn: Callable[[], object], repeats: int, calls: int) -> float:
+    """Median over ``repeats`` runs of ``calls`` calls of ``fn`` (after one warm-up call) of the
+    seconds per call."""
+    fn()
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        runs.append((time.perf_counter() - start) / calls)
+    return statistics.median(runs)
+
+
 def shipped_or_not(experts: int, repeats: int, name: str, ship: Callable[[bool], None],
                    dtype: str = "fp32") -> dict:
     """One 8 x 256-token prefill in ``dtype`` (a ``DTYPES`` name) routed among ``experts``

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 from routed_inference import BATCH, SEQ, TOP_K
-from routed_overhead import print_shipped_or_not
+from routed_overhead import median_seconds, print_shipped_or_not
 
 from phatgoose.routing import routers
 
@@ -29,15 +27,8 @@ NEVER = 1 << 62  # MANY_ROWS out of reach: torch's topk everywhere
 SHIPPED_MANY_ROWS = routers.MANY_ROWS
 
 
-def median_us(fn, repeats: int, calls: int = 50) -> float:
-    fn()
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        runs.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(runs)
+def median_us(fn, repeats: int) -> float:
+    return median_seconds(fn, repeats, calls=50) * 1e6
 
 
 def with_many_rows(value: int, fn):

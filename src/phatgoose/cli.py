@@ -236,8 +236,7 @@ BF16_HELP = ("bf16 autocast (--bf16) or fp32 (--no-bf16) in every stage (experts
              "multitask, evaluation), whatever the config says. Unset, the config decides; "
              "where it says nothing, training runs fp32 and evaluation bf16 where that is faster "
              "(GPUs, CPUs with AMX or AVX512-BF16; other CPUs emulate bf16 several times slower). "
-             "Cached items "
-             "are keyed by it: use another --workdir to keep both runs")
+             "Cached items are keyed by it: use another --workdir to keep both runs")
 METHODS_HELP = ("run only these methods (e.g. base phatgoose), instead of the config's list and "
                 "its top_k_ablation rows; the cached stages they need are shared")
 

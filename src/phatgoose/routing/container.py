@@ -97,10 +97,9 @@ class RoutedLinear(nn.Module):
       outside autocast); with many, on CPU, one compiled function that routes and adds a
       gather-and-reduce delta (``compiled_routed_output``; in bf16, from a bf16 router matmul
       that picks candidates; else sparse matmuls; a bf16 model's delta in fp32), elsewhere
-      grouped matmuls over
-      (token, slot) pairs sorted by expert. Where it is faster, the dense path's matmuls
-      instead (up to ``DENSE_MAX_EXPERTS`` experts on CPU; on a GPU, more than one token
-      replayed as a CUDA graph). On a GPU, router, top-k and LoRA otherwise run as
+      grouped matmuls over (token, slot) pairs sorted by expert. Where it is faster, the dense
+      path's matmuls instead (up to ``DENSE_MAX_EXPERTS`` experts on CPU; on a GPU, more than
+      one token replayed as a CUDA graph). On a GPU, router, top-k and LoRA otherwise run as
       one Triton kernel (``routing.fused``).
     Top-k routers project the input with one matmul, shared with sibling modules that read the
     same input (see ``SharedProjection``).
@@ -243,9 +242,7 @@ class RoutedLinear(nn.Module):
         try:
             fused.add_routed_delta_(
                 flat_x, flat_out, self.router.vectors, self.lora_A, self.lora_B,
-                self.router.top_k, arrow=type(self.router) is ArrowRouter,
-                eps=getattr(self.router, "eps", 1e-5),
-                temperature=getattr(self.router, "temperature", 1.0))
+                self.router.top_k, **self._scoring_rule())
             return True
         except fused.KERNEL_ERRORS as err:
             if torch.compiler.is_compiling():
@@ -298,6 +295,13 @@ class RoutedLinear(nn.Module):
             B = self.lora_B.index_select(0, pairs).view(n, k * self.rank, self.d_out)
             flat_out += torch.bmm(hidden, B).view(n, self.d_out)  # the bmm sums over the k
 
+    def _scoring_rule(self) -> dict:
+        """How the fused and compiled kernels score this module's router: Arrow's |x . p| / T
+        or PHATGOOSE's standardised dot product (with its LayerNorm eps)."""
+        return {"arrow": type(self.router) is ArrowRouter,
+                "eps": getattr(self.router, "eps", 1e-5),
+                "temperature": getattr(self.router, "temperature", 1.0)}
+
     def _compiled_output(self, x: Tensor, projection: Tensor, flat_out: Tensor,
                          candidates: bool) -> Tensor | None:
         """Many tokens on CPU: ``compiled_routed_output``, the router's choices from
@@ -306,15 +310,13 @@ class RoutedLinear(nn.Module):
         torch.compile could not build it here, which then turns it off for the process, with a
         warning."""
         global CPU_COMPILED_DELTA
-        arrow = type(self.router) is ArrowRouter
         vectors = (self.router.vectors if self.shared is None
                    else self.shared[0].member_vectors(self.shared[1]))
         try:
             return compiled_routed_output(
                 flat_out, x, projection, vectors, self.lora_A, self.lora_B,
                 self.router.top_k, self.router.top_k + EXTRA_CANDIDATES if candidates else 0,
-                arrow, getattr(self.router, "eps", 1e-5),
-                getattr(self.router, "temperature", 1.0))
+                **self._scoring_rule())
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             return None  # too many layer shapes: this call runs the sparse kernels
         except COMPILE_ERRORS as err:
