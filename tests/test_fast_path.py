@@ -44,15 +44,20 @@ def test_folded_standardisation_equals_layernorm_of_both_sides():
 
 @pytest.mark.parametrize("kind", ["phatgoose", "arrow"])
 @pytest.mark.parametrize("top_k", [1, 2, 4])
-@pytest.mark.parametrize("tokens,kernel", [(3, "gather"), (200, "compiled-gather"),
-                                           (200, "sparse-matmul"), (200, "grouped")])
+@pytest.mark.parametrize("tokens,kernel", [(3, "native"), (3, "gather"),
+                                           (200, "compiled-gather"), (200, "sparse-matmul"),
+                                           (200, "grouped")])
 def test_sparse_path_equals_dense_reference(kind, top_k, tokens, kernel, monkeypatch):
-    """Each of the sparse path's kernels (few tokens: gather; many on CPU: the compiled
-    gather-and-reduce, else sparse matmuls; elsewhere grouped matmuls) against the dense
-    reference and a loop over experts."""
+    """Each of the sparse path's kernels (few tokens: the C kernel, else torch's gathers; many
+    on CPU: the compiled gather-and-reduce, else sparse matmuls; elsewhere grouped matmuls)
+    against the dense reference and a loop over experts."""
     def unused(*args, **kwargs):
         raise AssertionError(f"the {kernel} kernel should run")
 
+    if kernel == "native":
+        monkeypatch.setattr(RoutedLinear, "_add_gathered_delta", unused)
+    elif kernel == "gather":
+        monkeypatch.setattr(container, "CPU_NATIVE_DECODE", False)
     if kernel != "compiled-gather":
         monkeypatch.setattr(container, "compiled_routed_output", unused)
     if kernel == "grouped":
@@ -168,8 +173,14 @@ def test_top_k_routers_take_the_sparse_path_whose_kernel_depends_on_tokens_and_d
     small = make(few, PhatgooseRouter(torch.randn(few, 8), 2))
     assert small.path == "sparse"
     fp32, bf16 = torch.float32, torch.bfloat16
-    # CPU: every expert up to DENSE_MAX_EXPERTS; then gathering for 32 pairs, sparse matmuls
+    # CPU: every expert up to DENSE_MAX_EXPERTS; then, up to 32 pairs, the C kernel in fp32
+    # (torch's gathers in other dtypes, under autocast, or with it off); compiled beyond
     assert small.sparse_kernel(200, "cpu", fp32) == "dense"
+    assert phatgoose.sparse_kernel(32, "cpu", fp32) == "native"
+    assert phatgoose.sparse_kernel(32, "cpu", torch.float64) == "gather"
+    with torch.autocast("cpu", dtype=bf16):
+        assert phatgoose.sparse_kernel(32, "cpu", fp32) == "gather"
+    monkeypatch.setattr(container, "CPU_NATIVE_DECODE", False)
     assert phatgoose.sparse_kernel(32, "cpu", fp32) == "gather"
     assert phatgoose.sparse_kernel(33, "cpu", fp32) == "compiled-gather"
     monkeypatch.setattr(container, "CPU_COMPILED_DELTA", False)
@@ -300,7 +311,7 @@ def test_an_fp64_model_routes_in_fp64_and_fp32_models_in_fp32():
                                layers[1].router.project(x.double()), atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.parametrize("n_experts,then", [(12, "gather"), (4, "dense")])
+@pytest.mark.parametrize("n_experts,then", [(12, "native"), (4, "dense")])
 def test_a_fused_kernel_triton_cannot_run_falls_back_to_the_torch_kernels(
         n_experts, then, monkeypatch):
     """Triton refusing the kernel on a device (here: too little shared memory) turns the fused
@@ -319,8 +330,7 @@ def test_a_fused_kernel_triton_cannot_run_falls_back_to_the_torch_kernels(
     monkeypatch.setattr(container.fused, "add_routed_delta_", refuse)
     monkeypatch.setattr(container, "grouped_matmul", unused)
     monkeypatch.setattr(RoutedLinear, "_add_sparse_delta", unused)
-    if then == "dense":
-        monkeypatch.setattr(RoutedLinear, "_add_gathered_delta", unused)
+    monkeypatch.setattr(RoutedLinear, "_add_gathered_delta", unused)
     torch.manual_seed(8)
     layer = RoutedLinear.from_experts(nn.Linear(16, 12), random_loras(16, 12, [4] * n_experts),
                                       PhatgooseRouter(torch.randn(n_experts, 16), 2))

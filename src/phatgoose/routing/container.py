@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from phatgoose.library.expert import LoraWeights, stack_experts
 from phatgoose.models import base as models_base
 from phatgoose.models import linear_dims
-from phatgoose.routing import fused
+from phatgoose.routing import fused, native
 from phatgoose.routing.routers import (
     ArrowRouter,
     PhatgooseRouter,
@@ -56,6 +56,11 @@ CPU_COMPILED_DELTA = True
 # None: where bf16 matmuls are native (``models.bf16_is_faster``); tests set it.
 BF16_ROUTER_MATMUL: bool | None = None
 EXTRA_CANDIDATES = 2
+# A few tokens (decoding) on CPU, in fp32, routed by PHATGOOSE or Arrow: the router, top-k,
+# softmax and delta as one C function (``native.add_routed_delta_``), built at first use by the
+# system's C compiler; where it cannot be built, the first failure turns it off for the
+# process, with a warning, and the torch ops run (``_add_gathered_delta``).
+CPU_NATIVE_DECODE = True
 # what torch.compile raises when it cannot build a kernel (no compiler, a broken toolchain)
 COMPILE_ERRORS = (torch._dynamo.exc.BackendCompilerFailed, OSError)
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -129,6 +134,7 @@ class RoutedLinear(nn.Module):
         self.path: Literal["sparse", "dense"] = (
             "sparse" if isinstance(router, TopKRouter) else "dense")
         self.shared: tuple[SharedProjection, int] | None = None
+        self._native: tuple[native.Prepared, dict] | None = None  # see _native_arguments
 
     @classmethod
     def from_experts(
@@ -200,6 +206,10 @@ class RoutedLinear(nn.Module):
             kernel = self.sparse_kernel(flat_x.shape[0], flat_x.device.type, flat_x.dtype)
         if kernel == "dense":
             return out + self.dense_delta(x)
+        if kernel == "native":
+            if self._add_native_delta(flat_x, flat_out):
+                return out
+            kernel = "gather"  # x needs gradients, or C could not be built here (now off)
         if kernel == "compiled-gather":
             candidates = self.bf16_candidates(flat_x)
             x_routing, projection = self.routing_inputs(x, bf16=candidates)
@@ -255,21 +265,26 @@ class RoutedLinear(nn.Module):
 
     def sparse_kernel(self, n_tokens: int, device: str, dtype: torch.dtype) -> str:
         """The kernel that computes the sparse path for ``n_tokens`` tokens on ``device`` (a
-        device type) in ``dtype``: "fused", "dense", "gather", "compiled-gather",
+        device type) in ``dtype``: "fused", "dense", "native", "gather", "compiled-gather",
         "sparse-matmul" or "grouped"."""
         gpu = device == "cuda"
-        fusable = (FUSED_ROUTING and fused.triton is not None
-                   and (gpu or (FUSED_ON_CPU and device == "cpu"))
-                   and type(self.router) in (PhatgooseRouter, ArrowRouter)
-                   and self.num_experts <= fused.FUSED_MAX_EXPERTS
-                   and dtype in fused.FUSED_DTYPES and self.lora_A.dtype in fused.FUSED_DTYPES)
-        if fusable and (n_tokens <= FUSED_MAX_TOKENS or not replayed(gpu)):
-            return "fused"
+        if gpu or (FUSED_ON_CPU and device == "cpu"):
+            fusable = (FUSED_ROUTING and fused.triton is not None
+                       and type(self.router) in (PhatgooseRouter, ArrowRouter)
+                       and self.num_experts <= fused.FUSED_MAX_EXPERTS
+                       and dtype in fused.FUSED_DTYPES and self.lora_A.dtype in fused.FUSED_DTYPES)
+            if fusable and (n_tokens <= FUSED_MAX_TOKENS or not replayed(gpu)):
+                return "fused"
         if self.num_experts <= (GPU_DENSE_MAX_EXPERTS if gpu else DENSE_MAX_EXPERTS):
             return "dense"
         pairs = n_tokens * min(self.router.top_k, self.num_experts)
         if pairs <= GATHER_MAX_PAIRS:
-            return "gather"
+            native_ok = (CPU_NATIVE_DECODE and device == "cpu" and dtype == torch.float32
+                         and self.lora_A.dtype == torch.float32
+                         and type(self.router) in (PhatgooseRouter, ArrowRouter)
+                         and not torch.is_autocast_enabled("cpu")
+                         and not torch.compiler.is_compiling())
+            return "native" if native_ok else "gather"
         if CPU_SPARSE_MATMULS and device == "cpu" and not torch.compiler.is_compiling():
             routable = type(self.router) in (PhatgooseRouter, ArrowRouter)
             return "compiled-gather" if CPU_COMPILED_DELTA and routable else "sparse-matmul"
@@ -295,12 +310,43 @@ class RoutedLinear(nn.Module):
             B = self.lora_B.index_select(0, pairs).view(n, k * self.rank, self.d_out)
             flat_out += torch.bmm(hidden, B).view(n, self.d_out)  # the bmm sums over the k
 
+    def _add_native_delta(self, flat_x: Tensor, flat_out: Tensor) -> bool:
+        """flat_out += the delta by the C kernel (``native``); False if x needs gradients (it
+        is not differentiable) or the kernel cannot be built here, which then turns it off for
+        the process, with a warning."""
+        global CPU_NATIVE_DECODE
+        if flat_x.requires_grad and torch.is_grad_enabled():
+            return False
+        try:
+            native.add_routed_delta_(flat_x.contiguous(), flat_out, self._native_arguments())
+            return True
+        except native.NativeBuildError as err:
+            CPU_NATIVE_DECODE = False
+            warnings.warn(f"the native routing kernel cannot be built here ({err}); routing "
+                          "few tokens with torch's ops instead", RuntimeWarning, stacklevel=3)
+            return False
+
+    def _native_arguments(self) -> native.Prepared:
+        """The C kernel's fixed arguments, packed once and again only when the stacks, the
+        vectors (replaced by ``.to()``, say; moved by a deepcopy) or the scoring rule change.
+        Read without nn.Module's attribute lookup: at one token, microseconds count."""
+        router = self._modules["router"]
+        tensors = (router._buffers["vectors"], self._buffers["lora_A"], self._buffers["lora_B"])
+        rule = self._scoring_rule()
+        cached = self._native
+        if (cached is None or cached[1] != rule
+                or any(a is not b for a, b in zip(cached[0].tensors, tensors))
+                or cached[0].tail[:3] != tuple(t.data_ptr() for t in tensors)):
+            cached = self._native = (native.prepare(*tensors, router.top_k, **rule), rule)
+        return cached[0]
+
     def _scoring_rule(self) -> dict:
         """How the fused and compiled kernels score this module's router: Arrow's |x . p| / T
         or PHATGOOSE's standardised dot product (with its LayerNorm eps)."""
-        return {"arrow": type(self.router) is ArrowRouter,
-                "eps": getattr(self.router, "eps", 1e-5),
-                "temperature": getattr(self.router, "temperature", 1.0)}
+        router = self._modules["router"]
+        settings = vars(router)  # not getattr's default: a missing attribute costs µs
+        return {"arrow": type(router) is ArrowRouter, "eps": settings.get("eps", 1e-5),
+                "temperature": settings.get("temperature", 1.0)}
 
     def _compiled_output(self, x: Tensor, projection: Tensor, flat_out: Tensor,
                          candidates: bool) -> Tensor | None:

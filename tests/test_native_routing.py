@@ -1,0 +1,195 @@
+"""The few-token routed delta as one C call (``routing.native``): against torch's computation,
+its choices at ties, its build cache and fallback, its argument checks, and decoding with it."""
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import random_loras
+from torch import nn
+
+from phatgoose.models import resolve_target_modules
+from phatgoose.routing import ArrowRouter, PhatgooseRouter, RoutedLinear, container, native
+from phatgoose.routing.container import share_projections
+
+
+def reference(x, vectors, A, B, k, arrow, eps=1e-5, temperature=1.0):
+    """The routed delta written out in fp64 torch ops, one token at a time."""
+    x, vectors, A, B = x.double(), vectors.double(), A.double(), B.double()
+    out = torch.zeros(x.shape[0], B.shape[-1], dtype=torch.float64)
+    for t, xt in enumerate(x):
+        projection = vectors @ xt
+        if arrow:
+            scores = projection.abs() / temperature
+        else:
+            sigma = torch.sqrt(xt.var(unbiased=False) + eps)
+            scores = projection / sigma / math.sqrt(x.shape[1])
+        values, experts = scores.topk(k)
+        for w, e in zip(values.softmax(0), experts):
+            out[t] += w * (A[e] @ xt) @ B[e]
+    return out
+
+
+def layer_of(d_in, d_out, experts, router_kind="phatgoose", k=2, seed=0):
+    torch.manual_seed(seed)
+    vectors = torch.randn(experts, d_in)
+    router = (PhatgooseRouter(vectors, k) if router_kind == "phatgoose"
+              else ArrowRouter(vectors, k, temperature=0.7))
+    return RoutedLinear.from_experts(nn.Linear(d_in, d_out),
+                                     random_loras(d_in, d_out, [4] * experts), router)
+
+
+@pytest.mark.parametrize("arrow", [False, True])
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("d_in,d_out,experts,tokens", [(70, 45, 11, 1), (64, 96, 40, 5),
+                                                       (13, 7, 3, 2)])
+def test_kernel_equals_the_routed_delta_computed_in_fp64(arrow, k, d_in, d_out, experts,
+                                                         tokens):
+    """Dimensions on and off the kernel's 32-wide blocks, k up to E, both scoring rules."""
+    torch.manual_seed(k + d_in)
+    x = torch.randn(tokens, d_in) * 3 + 1
+    vectors = torch.randn(experts, d_in)
+    A, B = torch.randn(experts, 4, d_in), torch.randn(experts, 4, d_out)
+    out = torch.randn(tokens, d_out)
+    expected = out.double() + reference(x, vectors, A, B, k, arrow, temperature=0.7)
+    native.add_routed_delta_(x, out, native.prepare(vectors, A, B, k, arrow, 1e-5, 0.7))
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5 * float(
+        expected.abs().max()))
+
+
+def test_tied_scores_choose_distinct_experts_the_lower_index_first():
+    """Experts 1 and 3 share their vector (and expert 0's is far away): a token's top 2 are 1
+    and 3, each weighted 1/2, never the same expert twice."""
+    d = 40
+    vectors = torch.randn(4, d)
+    vectors[3] = vectors[1]
+    x = vectors[1:2] * 5
+    A, B = torch.randn(4, 2, d), torch.randn(4, 2, 6)
+    out = torch.zeros(1, 6)
+    native.add_routed_delta_(x, out, native.prepare(vectors, A, B, 2, True, 1e-5, 1.0))
+    half = [0.5 * (A[e] @ x[0]) @ B[e] for e in (1, 3)]
+    torch.testing.assert_close(out[0], half[0] + half[1], rtol=1e-5, atol=1e-4)
+
+
+def test_nan_input_still_chooses_valid_experts():
+    """A NaN row gives NaN outputs, not a read outside the stacks."""
+    x = torch.full((1, 33), float("nan"))
+    out = torch.zeros(1, 5)
+    native.add_routed_delta_(x, out, native.prepare(
+        torch.randn(6, 33), torch.randn(6, 2, 33), torch.randn(6, 2, 5), 2, False, 1e-5, 1.0))
+    assert out.isnan().all()
+
+
+def test_bad_arguments_get_one_line_errors():
+    vectors, A, B = torch.randn(6, 8), torch.randn(6, 2, 8), torch.randn(6, 2, 5)
+    with pytest.raises(ValueError, match="contiguous fp32 CPU"):
+        native.prepare(vectors.double(), A, B, 2, False, 1e-5, 1.0)
+    with pytest.raises(ValueError, match="mismatched shapes"):
+        native.prepare(vectors[:, :7].contiguous(), A, B, 2, False, 1e-5, 1.0)
+    prepared = native.prepare(vectors, A, B, 2, False, 1e-5, 1.0)
+    with pytest.raises(ValueError, match="contiguous fp32 CPU"):
+        native.add_routed_delta_(torch.randn(8, 3).T, torch.zeros(3, 5), prepared)
+    with pytest.raises(ValueError, match=r"do not fit a 8 -> 5 layer"):
+        native.add_routed_delta_(torch.randn(3, 8), torch.zeros(3, 4), prepared)
+
+
+def test_built_once_into_the_cache_and_loaded_from_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("PHATGOOSE_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_library", None)
+    native.library()
+    built = list((tmp_path / "kernels").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"  # no temporary file left behind
+    # a later process loads it without compiling
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("the kernel should come from the cache")
+
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native.subprocess, "run", no_compiling)
+    prepared = native.prepare(torch.randn(3, 8), torch.randn(3, 2, 8), torch.randn(3, 2, 4), 1,
+                              False, 1e-5, 1.0)
+    native.add_routed_delta_(torch.randn(1, 8), torch.zeros(1, 4), prepared)
+    assert native._library is not None
+
+
+@pytest.mark.parametrize("compiler", ["no-such-compiler", "false"])
+def test_without_a_working_compiler_routing_falls_back_to_torch_with_a_warning(
+        compiler, tmp_path, monkeypatch):
+    """No C compiler on PATH, or one that fails: one warning, the kernel off for the process,
+    and the same output from torch's ops."""
+    monkeypatch.setenv("PHATGOOSE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", compiler)
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(container, "CPU_NATIVE_DECODE", True)
+    layer = layer_of(24, 10, 12)
+    x = torch.randn(3, 24)
+    assert layer.sparse_kernel(3, "cpu", x.dtype) == "native"
+    with pytest.warns(RuntimeWarning, match="native routing kernel cannot be built here"):
+        out = layer(x)
+    assert container.CPU_NATIVE_DECODE is False
+    assert layer.sparse_kernel(3, "cpu", x.dtype) == "gather"
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # nothing half-written
+    layer.path = "dense"
+    torch.testing.assert_close(out, layer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_deep_copy_reads_its_own_stacks():
+    """The kernel reads tensors by address: a copied module must not read the original's."""
+    layer = layer_of(24, 10, 12)
+    x = torch.randn(2, 24)
+    before = layer(x)  # packs the original's addresses
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        layer.lora_B.zero_()
+    torch.testing.assert_close(twin(x), before, rtol=0, atol=0)
+    torch.testing.assert_close(layer(x), layer.base(x), rtol=0, atol=0)
+    # and a changed router setting is seen
+    layer = layer_of(24, 10, 12, router_kind="arrow")
+    layer(x)
+    layer.router.temperature = 100.0
+    native_out = layer(x)
+    layer.path = "dense"
+    torch.testing.assert_close(native_out, layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_inputs_that_need_gradients_take_torch_ops(monkeypatch):
+    layer = layer_of(24, 10, 12)
+    x = torch.randn(2, 24, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_greedy_decoding_with_the_kernel_generates_what_torch_ops_generate(llama, monkeypatch):
+    """A tiny Llama routed among 12 experts on every linear module (shared q/k/v and gate/up
+    projections included): the same tokens and the same logits, step by step."""
+    model = llama.model
+    torch.manual_seed(5)
+    modules = {}
+    for name in resolve_target_modules(model):
+        base = model.get_submodule(name)
+        d_out, d_in = base.weight.shape
+        router = PhatgooseRouter(torch.randn(12, d_in), 2)
+        modules[name] = RoutedLinear.from_experts(base, random_loras(d_in, d_out, [4] * 12),
+                                                  router)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, modules[name])
+    share_projections(modules)
+    prompt = torch.randint(2, 200, (2, 5))
+    calls = []
+    kernel = native.add_routed_delta_
+    monkeypatch.setattr(native, "add_routed_delta_",
+                        lambda *args: calls.append(args[0].shape[0]) or kernel(*args))
+    runs = []
+    for on in (True, False):
+        container.CPU_NATIVE_DECODE = on
+        try:
+            runs.append(model.generate(prompt, max_new_tokens=8, min_new_tokens=8,
+                                       do_sample=False, pad_token_id=0, output_logits=True,
+                                       return_dict_in_generate=True))
+        finally:
+            container.CPU_NATIVE_DECODE = True
+    steps = 8 * len(modules)  # the prompt and 7 one-token steps per module, then none
+    assert len(calls) == steps and set(calls) == {10, 2}
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    torch.testing.assert_close(torch.stack(runs[0].logits), torch.stack(runs[1].logits),
+                               rtol=1e-4, atol=1e-4)
