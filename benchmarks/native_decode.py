@@ -5,10 +5,10 @@ LayerNorm statistics, top-k, softmax, gathers, batched matmuls), and the base mo
     python benchmarks/native_decode.py --experts 64 256 --repeats 5
 
 SmolLM2-135M's architecture with random weights, E synthetic rank-8 experts on all 210 linear
-modules, top-2, fp32. Greedy ``generate`` of 64 new tokens after a 32-token prompt (KV cache),
-at batch 1 and 8; the base model and the two routed variants interleaved, medians of
---repeats rounds after a warm-up round. Also checks that both routed variants generate the
-same tokens.
+modules, top-2, fp32 (or --dtype bf16, bf16-autocast). Greedy ``generate`` of 64 new tokens
+after a 32-token prompt (KV cache), at batch 1 and 8; the base model and the two routed
+variants interleaved, medians of --repeats rounds after a warm-up round. Also checks that both
+routed variants generate the same tokens.
 """
 
 from __future__ import annotations
@@ -20,7 +20,14 @@ import statistics
 import time
 
 import torch
-from routed_inference import NEW_TOKENS, base_model, route_synthetic, set_path, synthetic_experts
+from routed_inference import (
+    DTYPES,
+    NEW_TOKENS,
+    base_model,
+    route_synthetic,
+    set_path,
+    synthetic_experts,
+)
 
 from phatgoose.routing import container
 
@@ -33,12 +40,12 @@ def generate(model, prompt: torch.Tensor) -> torch.Tensor:
                           do_sample=False, pad_token_id=2)
 
 
-def one(experts: int, repeats: int) -> dict:
-    base = base_model("cpu", "fp32")
+def one(experts: int, repeats: int, dtype: str) -> dict:
+    base = base_model("cpu", dtype)
     routed = copy.deepcopy(base)
     route_synthetic(routed, synthetic_experts(routed, experts), "phatgoose")
     set_path(routed, "sparse")
-    result: dict = {"experts": experts, "threads": torch.get_num_threads()}
+    result: dict = {"experts": experts, "dtype": dtype, "threads": torch.get_num_threads()}
     for batch in (1, 8):
         prompt = torch.randint(3, 40000, (batch, 32), generator=torch.Generator().manual_seed(0))
         times: dict[str, list[float]] = {v: [] for v in VARIANTS}
@@ -65,15 +72,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experts", type=int, nargs="+", default=[64])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--out", help="also write the results as JSON here")
     args = parser.parse_args()
     results = []
     print("| E | batch | base (ms/token) | routed, torch ops | routed, C kernel | routed / base: "
           "torch ops, C kernel | same tokens |")
     print("|---:|---:|---:|---:|---:|---:|---|")
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16,
+                                         enabled=args.dtype == "bf16-autocast"):
         for experts in args.experts:
-            r = one(experts, args.repeats)
+            r = one(experts, args.repeats, args.dtype)
             results.append(r)
             for batch in (1, 8):
                 b = r[f"batch {batch}"]

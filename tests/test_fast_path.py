@@ -76,6 +76,7 @@ def test_sparse_path_equals_dense_reference(kind, top_k, tokens, kernel, monkeyp
     router = PhatgooseRouter(vectors, top_k) if kind == "phatgoose" else ArrowRouter(
         vectors, top_k, temperature=0.5)
     layer = RoutedLinear.from_experts(nn.Linear(d_in, d_out), weights, router)
+    layer.requires_grad_(False)  # a frozen base layer, as routed (the C kernel needs it)
     layer.path = "sparse"
     x = torch.randn(tokens, d_in)
     assert (tokens * top_k <= container.GATHER_MAX_PAIRS) == (tokens == 3)
@@ -137,10 +138,11 @@ class MatmulDtypes(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_fp32_model_under_autocast_gathers_the_delta_of_few_tokens_in_fp32():
-    """Decoding under bf16 autocast: the gathered factors are not cast to bf16 (both bmms run in
-    fp32, the stacks' dtype), and the output is the autocast base output plus the fp32 delta,
-    rounded once to bf16."""
+def test_fp32_model_under_autocast_gathers_the_delta_of_few_tokens_in_fp32(monkeypatch):
+    """Decoding under bf16 autocast with torch's ops (the C kernel off): the gathered factors
+    are not cast to bf16 (both bmms run in fp32, the stacks' dtype), and the output is the
+    autocast base output plus the fp32 delta, rounded once to bf16."""
+    monkeypatch.setattr(container, "CPU_NATIVE_DECODE", False)
     torch.manual_seed(4)
     d_in, d_out, n_experts = 32, 24, 12
     weights = random_loras(d_in, d_out, [4] * n_experts)
@@ -174,11 +176,14 @@ def test_top_k_routers_take_the_sparse_path_whose_kernel_depends_on_tokens_and_d
     assert small.path == "sparse"
     fp32, bf16 = torch.float32, torch.bfloat16
     # CPU: every expert up to DENSE_MAX_EXPERTS; then, up to 32 pairs, the C kernel in fp32
-    # (torch's gathers in other dtypes, under autocast, or with it off); compiled beyond
+    # and bf16 (torch's gathers in other dtypes, or with it off); compiled beyond
     assert small.sparse_kernel(200, "cpu", fp32) == "dense"
     assert phatgoose.sparse_kernel(32, "cpu", fp32) == "native"
+    assert phatgoose.sparse_kernel(32, "cpu", bf16) == "native"
     assert phatgoose.sparse_kernel(32, "cpu", torch.float64) == "gather"
     with torch.autocast("cpu", dtype=bf16):
+        assert phatgoose.sparse_kernel(32, "cpu", fp32) == "native"
+    with torch.autocast("cpu", dtype=torch.float16):
         assert phatgoose.sparse_kernel(32, "cpu", fp32) == "gather"
     monkeypatch.setattr(container, "CPU_NATIVE_DECODE", False)
     assert phatgoose.sparse_kernel(32, "cpu", fp32) == "gather"
@@ -334,6 +339,7 @@ def test_a_fused_kernel_triton_cannot_run_falls_back_to_the_torch_kernels(
     torch.manual_seed(8)
     layer = RoutedLinear.from_experts(nn.Linear(16, 12), random_loras(16, 12, [4] * n_experts),
                                       PhatgooseRouter(torch.randn(n_experts, 16), 2))
+    layer.requires_grad_(False)  # frozen, as routed (the C kernel runs only then)
     x = torch.randn(1, 16)
     assert layer.sparse_kernel(1, "cpu", x.dtype) == "fused"
     with pytest.warns(RuntimeWarning, match="fused routing kernel cannot run on cpu"):

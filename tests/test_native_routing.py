@@ -36,8 +36,9 @@ def layer_of(d_in, d_out, experts, router_kind="phatgoose", k=2, seed=0):
     vectors = torch.randn(experts, d_in)
     router = (PhatgooseRouter(vectors, k) if router_kind == "phatgoose"
               else ArrowRouter(vectors, k, temperature=0.7))
-    return RoutedLinear.from_experts(nn.Linear(d_in, d_out),
-                                     random_loras(d_in, d_out, [4] * experts), router)
+    layer = RoutedLinear.from_experts(nn.Linear(d_in, d_out),
+                                      random_loras(d_in, d_out, [4] * experts), router)
+    return layer.requires_grad_(False)  # frozen, as routed models are
 
 
 @pytest.mark.parametrize("arrow", [False, True])
@@ -56,6 +57,57 @@ def test_kernel_equals_the_routed_delta_computed_in_fp64(arrow, k, d_in, d_out, 
     native.add_routed_delta_(x, out, native.prepare(vectors, A, B, k, arrow, 1e-5, 0.7))
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5 * float(
         expected.abs().max()))
+
+
+@pytest.mark.parametrize("arrow", [False, True])
+def test_bf16_tensors_are_read_computed_in_fp32_and_the_output_rounded_once(arrow):
+    """bf16 x, out, vectors and stacks (a bf16 model): the delta of their bf16 values, computed
+    in fp32, added to out and rounded to bf16 once."""
+    torch.manual_seed(9)
+    bf16 = torch.bfloat16
+    x, vectors = torch.randn(3, 70).to(bf16), torch.randn(10, 70).to(bf16)
+    A, B = torch.randn(10, 4, 70).to(bf16), torch.randn(10, 4, 50).to(bf16)
+    out = torch.randn(3, 50).to(bf16)
+    exact = out.double() + reference(x, vectors, A, B, 2, arrow)
+    native.add_routed_delta_(x, out, native.prepare(vectors, A, B, 2, arrow, 1e-5, 1.0))
+    assert out.dtype == bf16
+    # one rounding: within half a bf16 step (2^-8 relative) of the exact sum, plus fp32's error
+    torch.testing.assert_close(out.double(), exact, rtol=2**-8 + 1e-5, atol=1e-5)
+    # fp32 x and stacks with a bf16 out (an fp32 model under bf16 autocast): the fp32 sum,
+    # rounded to nearest even as torch rounds it
+    out16 = torch.randn(3, 50).to(bf16)
+    out32 = out16.float()
+    prepared = native.prepare(vectors.float(), A.float(), B.float(), 2, arrow, 1e-5, 1.0)
+    native.add_routed_delta_(x.float(), out16, prepared)
+    native.add_routed_delta_(x.float(), out32, prepared)
+    assert torch.equal(out16, out32.to(bf16))
+
+
+def test_under_autocast_the_kernel_matches_torchs_ops(monkeypatch):
+    """An fp32 model decoding under bf16 autocast: the C kernel and torch's gathers both add
+    the fp32 delta to the bf16 base output once."""
+    layer = layer_of(64, 40, 12)
+    x = torch.randn(1, 3, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer.sparse_kernel(3, "cpu", x.dtype) == "native"
+        ours = layer(x)
+        monkeypatch.setattr(container, "CPU_NATIVE_DECODE", False)
+        theirs = layer(x)
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, theirs, rtol=2**-7, atol=0)
+
+
+def test_a_bf16_model_routes_as_its_fp32_twin(monkeypatch):
+    layer = layer_of(64, 40, 12).to(torch.bfloat16)
+    assert layer.router.vectors.dtype == layer.lora_A.dtype == torch.bfloat16
+    x = torch.randn(2, 64).to(torch.bfloat16)
+    assert layer.sparse_kernel(2, "cpu", x.dtype) == "native"
+    out = layer(x)
+    twin = copy.deepcopy(layer).float()
+    twin.path = "dense"
+    reference_out = twin(x.float())
+    scale = float(reference_out.abs().max())
+    torch.testing.assert_close(out.float(), reference_out, rtol=0, atol=1e-2 * scale)
 
 
 def test_tied_scores_choose_distinct_experts_the_lower_index_first():
@@ -83,12 +135,15 @@ def test_nan_input_still_chooses_valid_experts():
 
 def test_bad_arguments_get_one_line_errors():
     vectors, A, B = torch.randn(6, 8), torch.randn(6, 2, 8), torch.randn(6, 2, 5)
-    with pytest.raises(ValueError, match="contiguous fp32 CPU"):
+    with pytest.raises(ValueError, match="contiguous fp32 or bf16 CPU tensors, got a "
+                                         "torch.float64 tensor on cpu"):
         native.prepare(vectors.double(), A, B, 2, False, 1e-5, 1.0)
-    with pytest.raises(ValueError, match="mismatched shapes"):
+    with pytest.raises(ValueError, match="mismatched stacks"):
+        native.prepare(vectors, A, B.bfloat16(), 2, False, 1e-5, 1.0)
+    with pytest.raises(ValueError, match="mismatched stacks"):
         native.prepare(vectors[:, :7].contiguous(), A, B, 2, False, 1e-5, 1.0)
     prepared = native.prepare(vectors, A, B, 2, False, 1e-5, 1.0)
-    with pytest.raises(ValueError, match="contiguous fp32 CPU"):
+    with pytest.raises(ValueError, match="got a non-contiguous torch.float32"):
         native.add_routed_delta_(torch.randn(8, 3).T, torch.zeros(3, 5), prepared)
     with pytest.raises(ValueError, match=r"do not fit a 8 -> 5 layer"):
         native.add_routed_delta_(torch.randn(3, 8), torch.zeros(3, 4), prepared)
@@ -152,11 +207,22 @@ def test_a_deep_copy_reads_its_own_stacks():
     torch.testing.assert_close(native_out, layer(x), rtol=1e-5, atol=1e-5)
 
 
-def test_inputs_that_need_gradients_take_torch_ops(monkeypatch):
+def test_where_autograd_records_torchs_ops_run(monkeypatch):
+    """The kernel is not differentiable and writes out behind autograd's back: it runs only
+    where nothing needs gradients (here, a frozen layer and an input without them)."""
+    calls = []
+    kernel = native.add_routed_delta_
+    monkeypatch.setattr(native, "add_routed_delta_", lambda *a: calls.append(1) or kernel(*a))
     layer = layer_of(24, 10, 12)
+    layer(torch.randn(2, 24))
+    assert calls == [1]
     x = torch.randn(2, 24, requires_grad=True)
     layer(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+    layer.base.requires_grad_(True)
+    layer(torch.randn(2, 24)).sum().backward()
+    assert layer.base.weight.grad is not None
+    assert calls == [1]
 
 
 def test_greedy_decoding_with_the_kernel_generates_what_torch_ops_generate(llama, monkeypatch):

@@ -56,10 +56,11 @@ CPU_COMPILED_DELTA = True
 # None: where bf16 matmuls are native (``models.bf16_is_faster``); tests set it.
 BF16_ROUTER_MATMUL: bool | None = None
 EXTRA_CANDIDATES = 2
-# A few tokens (decoding) on CPU, in fp32, routed by PHATGOOSE or Arrow: the router, top-k,
-# softmax and delta as one C function (``native.add_routed_delta_``), built at first use by the
-# system's C compiler; where it cannot be built, the first failure turns it off for the
-# process, with a warning, and the torch ops run (``_add_gathered_delta``).
+# A few tokens (decoding) on CPU, in fp32 or bf16 (bf16 autocast too), routed by PHATGOOSE or
+# Arrow: the router, top-k, softmax and delta as one C function (``native.add_routed_delta_``,
+# computing in fp32), built at first use by the system's C compiler; where it cannot be built,
+# the first failure turns it off for the process, with a warning, and torch's ops run
+# (``_add_gathered_delta``).
 CPU_NATIVE_DECODE = True
 # what torch.compile raises when it cannot build a kernel (no compiler, a broken toolchain)
 COMPILE_ERRORS = (torch._dynamo.exc.BackendCompilerFailed, OSError)
@@ -136,6 +137,11 @@ class RoutedLinear(nn.Module):
         self.shared: tuple[SharedProjection, int] | None = None
         self._native: tuple[native.Prepared, dict] | None = None  # see _native_arguments
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out the C kernel's packed arguments (addresses of this
+        module's tensors, not the copy's); they are packed again at first use."""
+        return {**super().__getstate__(), "_native": None}
+
     @classmethod
     def from_experts(
         cls, base: nn.Module, experts: list[LoraWeights], router: nn.Module
@@ -209,7 +215,7 @@ class RoutedLinear(nn.Module):
         if kernel == "native":
             if self._add_native_delta(flat_x, flat_out):
                 return out
-            kernel = "gather"  # x needs gradients, or C could not be built here (now off)
+            kernel = "gather"  # see _add_native_delta
         if kernel == "compiled-gather":
             candidates = self.bf16_candidates(flat_x)
             x_routing, projection = self.routing_inputs(x, bf16=candidates)
@@ -282,8 +288,10 @@ class RoutedLinear(nn.Module):
             return "dense"
         if n_tokens * min(router.top_k, self.num_experts) <= GATHER_MAX_PAIRS:
             native_ok = (CPU_NATIVE_DECODE and routable and device == "cpu"
-                         and dtype == stacks_dtype == torch.float32
-                         and not torch.is_autocast_enabled("cpu")
+                         and dtype in native.DTYPES and stacks_dtype in native.DTYPES
+                         and router._buffers["vectors"].dtype in native.DTYPES
+                         and (not torch.is_autocast_enabled("cpu")
+                              or torch.get_autocast_dtype("cpu") == torch.bfloat16)
                          and not torch.compiler.is_compiling())
             return "native" if native_ok else "gather"
         if CPU_SPARSE_MATMULS and device == "cpu" and not torch.compiler.is_compiling():
@@ -311,11 +319,13 @@ class RoutedLinear(nn.Module):
             flat_out += torch.bmm(hidden, B).view(n, self.d_out)  # the bmm sums over the k
 
     def _add_native_delta(self, flat_x: Tensor, flat_out: Tensor) -> bool:
-        """flat_out += the delta by the C kernel (``native``); False if x needs gradients (it
-        is not differentiable) or the kernel cannot be built here, which then turns it off for
-        the process, with a warning."""
+        """flat_out += the delta by the C kernel (``native``); False where autograd records
+        (it is not differentiable, and writes behind autograd's back), where the output is
+        neither fp32 nor bf16, or where the kernel cannot be built, which then turns it off
+        for the process, with a warning."""
         global CPU_NATIVE_DECODE
-        if flat_x.requires_grad and torch.is_grad_enabled():
+        if (torch.is_grad_enabled() and (flat_x.requires_grad or flat_out.requires_grad)) or (
+                flat_out.dtype not in native.DTYPES):
             return False
         try:
             native.add_routed_delta_(flat_x.contiguous(), flat_out, self._native_arguments())
@@ -336,7 +346,7 @@ class RoutedLinear(nn.Module):
         cached = self._native
         if (cached is None or cached[1] != rule
                 or any(a is not b for a, b in zip(cached[0].tensors, tensors))
-                or cached[0].tail[:3] != tuple(t.data_ptr() for t in tensors)):
+                or cached[0].addresses != tuple(t.data_ptr() for t in tensors)):
             cached = self._native = (native.prepare(*tensors, router.top_k, **rule), rule)
         return cached[0]
 

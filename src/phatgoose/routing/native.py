@@ -74,23 +74,45 @@ def library() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(path))
     except OSError as err:
         raise NativeBuildError(f"cannot load {path}: {err}") from err
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.routed_delta_f32.argtypes = [i64] * 6 + [ptr] * 5 + [
-        ctypes.c_int, ctypes.c_double, ctypes.c_double]
-    lib.routed_delta_f32.restype = ctypes.c_int
+    lib.routed_delta.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
+                                 ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(Params)]
+    lib.routed_delta.restype = ctypes.c_int
     _library = lib
     return lib
 
 
+class Params(ctypes.Structure):
+    """A routed module's fixed arguments, as ``native_routing.c`` declares them."""
+
+    _fields_ = [("d_in", ctypes.c_int64), ("d_out", ctypes.c_int64),
+                ("experts", ctypes.c_int64), ("rank", ctypes.c_int64), ("k", ctypes.c_int64),
+                ("vectors", ctypes.c_void_p), ("A", ctypes.c_void_p), ("B", ctypes.c_void_p),
+                ("vectors_bf16", ctypes.c_int32), ("stacks_bf16", ctypes.c_int32),
+                ("arrow", ctypes.c_int32), ("unused", ctypes.c_int32),
+                ("eps", ctypes.c_double), ("temperature", ctypes.c_double)]
+
+
+# the dtypes the kernel reads and writes; it computes in fp32
+DTYPES = (torch.float32, torch.bfloat16)
+
+
 class Prepared(NamedTuple):
     """A routed module's fixed arguments to the kernel (``prepare``): its tensors (kept alive:
-    the kernel reads them through their addresses) and the scalars after x and out."""
+    the kernel reads them through their addresses, ``addresses``) and the packed ``params``."""
 
     tensors: tuple[Tensor, Tensor, Tensor]
+    addresses: tuple[int, int, int]
     d_in: int
     d_out: int
-    sizes: tuple[int, int, int]  # experts, rank, k
-    tail: tuple[int, int, int, int, float, float]  # addresses, arrow, eps, temperature
+    params: ctypes._Pointer
+
+
+def _check(*tensors: Tensor) -> None:
+    for t in tensors:
+        if t.dtype not in DTYPES or not t.is_cpu or not t.is_contiguous():
+            raise ValueError("the native routing kernel takes contiguous fp32 or bf16 CPU "
+                             f"tensors, got a {'' if t.is_contiguous() else 'non-contiguous '}"
+                             f"{t.dtype} tensor on {t.device}")
 
 
 def prepare(vectors: Tensor, A: Tensor, B: Tensor, k: int, arrow: bool, eps: float,
@@ -98,31 +120,33 @@ def prepare(vectors: Tensor, A: Tensor, B: Tensor, k: int, arrow: bool, eps: flo
     """Check and pack the fixed arguments of ``add_routed_delta_``: the E routing vectors
     (E, d_in), scored as ``PhatgooseRouter`` does (standardised dot product, LayerNorm's eps)
     or, if ``arrow``, ``ArrowRouter`` (|x . p| / temperature); the stacks A (E, r, d_in) and
-    B (E, r, d_out); the k experts kept per token. All fp32, contiguous, on CPU."""
-    for t in (vectors, A, B):
-        if t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous():
-            raise ValueError("the native routing kernel takes contiguous fp32 CPU tensors")
+    B (E, r, d_out), of one dtype; the k experts kept per token. Contiguous, on CPU, each fp32
+    or bf16."""
+    _check(vectors, A, B)
     experts, rank, d_out = B.shape
     d_in = vectors.shape[1]
-    if vectors.shape[0] != experts or A.shape != (experts, rank, d_in):
-        raise ValueError(f"mismatched shapes: vectors {tuple(vectors.shape)}, A "
-                         f"{tuple(A.shape)}, B {tuple(B.shape)}")
-    return Prepared((vectors, A, B), d_in, d_out, (experts, rank, min(k, experts)),
-                    (vectors.data_ptr(), A.data_ptr(), B.data_ptr(), int(arrow), eps,
-                     temperature))
+    if vectors.shape[0] != experts or A.shape != (experts, rank, d_in) or A.dtype != B.dtype:
+        raise ValueError(f"mismatched stacks: vectors {tuple(vectors.shape)}, A "
+                         f"{tuple(A.shape)} {A.dtype}, B {tuple(B.shape)} {B.dtype}")
+    bf16 = torch.bfloat16
+    params = Params(d_in, d_out, experts, rank, min(k, experts), vectors.data_ptr(),
+                    A.data_ptr(), B.data_ptr(), vectors.dtype == bf16, A.dtype == bf16,
+                    int(arrow), 0, eps, temperature)
+    return Prepared((vectors, A, B), (vectors.data_ptr(), A.data_ptr(), B.data_ptr()), d_in,
+                    d_out, ctypes.pointer(params))
 
 
 def add_routed_delta_(x: Tensor, out: Tensor, prepared: Prepared) -> None:
     """out += the routed delta of each row of x (n, d_in): its k best experts (``prepare``),
-    weighted by the softmax of their k scores: sum_j w_j (A_e x) B_e. x and out (n, d_out) are
-    fp32, contiguous, on CPU; out is written in place."""
+    weighted by the softmax of their k scores: sum_j w_j (A_e x) B_e, computed in fp32 and
+    added once. x and out (n, d_out) are contiguous CPU tensors, each fp32 or bf16; out is
+    written in place."""
+    _check(x, out)
     n, d_in = x.shape
-    if not (x.dtype == out.dtype == torch.float32 and x.is_cpu and out.is_cpu
-            and x.is_contiguous() and out.is_contiguous()):
-        raise ValueError("the native routing kernel takes contiguous fp32 CPU tensors")
     if d_in != prepared.d_in or out.shape != (n, prepared.d_out):
         raise ValueError(f"x {tuple(x.shape)} and out {tuple(out.shape)} do not fit a "
                          f"{prepared.d_in} -> {prepared.d_out} layer")
-    if library().routed_delta_f32(n, d_in, prepared.d_out, *prepared.sizes, x.data_ptr(),
-                                  out.data_ptr(), *prepared.tail):
+    bf16 = torch.bfloat16
+    if library().routed_delta(n, x.data_ptr(), x.dtype == bf16, out.data_ptr(),
+                              out.dtype == bf16, prepared.params):
         raise MemoryError("the native routing kernel could not allocate its scratch")

@@ -1,4 +1,4 @@
-/* The routed delta of a few tokens (decoding) on CPU, in fp32, in one call: for each token x_t,
+/* The routed delta of a few tokens (decoding) on CPU, in one call: for each token x_t,
  *   projection  p_e = x_t . v_e                         for the E routing vectors v_e
  *   scores      s_e = p_e / (sigma_x sqrt(d_in))        PHATGOOSE (v_e stored standardised)
  *               s_e = |p_e| / temperature               Arrow
@@ -6,16 +6,41 @@
  *   out_t += sum_j w_j (A_{e_j} x_t) B_{e_j}            A (E, r, d_in), B (E, r, d_out).
  * The same computation as RoutedLinear's sparse path in torch (native.py loads this file);
  * torch's version is ten small ops per module, each microseconds of dispatch at one token.
+ * Tensors are fp32 or bf16; everything is computed in fp32 and the delta is added to out once,
+ * rounded once where out is bf16 (as torch adds an fp32 delta to a bf16 output).
  * Compiled by the system's C compiler for the machine it runs on (-march=native): the loops
  * below are written with independent partial sums so that it vectorises them.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define LANES 32 /* partial sums per dot product: 4 AVX2 or 2 AVX-512 registers */
 
-static float dot(const float *restrict a, const float *restrict b, int64_t n) {
+typedef struct {
+    int64_t d_in, d_out, experts, rank, k;
+    const void *vectors, *A, *B;     /* (E, d_in), (E, r, d_in), (E, r, d_out) */
+    int32_t vectors_bf16, stacks_bf16, arrow, unused;
+    double eps, temperature;
+} Params;
+
+static inline float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t to_bf16(float f) { /* round to nearest even, NaN kept a NaN */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static float dot_f32(const float *restrict a, const float *restrict b, int64_t n) {
     float acc[LANES] = {0};
     int64_t i = 0;
     for (; i + LANES <= n; i += LANES)
@@ -26,8 +51,33 @@ static float dot(const float *restrict a, const float *restrict b, int64_t n) {
     return sum;
 }
 
-static void axpy(float alpha, const float *restrict x, float *restrict y, int64_t n) {
-    for (int64_t i = 0; i < n; i++) y[i] += alpha * x[i];
+static float dot_bf16(const float *restrict a, const uint16_t *restrict b, int64_t n) {
+    float acc[LANES] = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++) acc[j] += a[i + j] * from_bf16(b[i + j]);
+    float sum = 0;
+    for (; i < n; i++) sum += a[i] * from_bf16(b[i]);
+    for (int j = 0; j < LANES; j++) sum += acc[j];
+    return sum;
+}
+
+/* a . row `row` of the (rows, n) matrix m, fp32 or bf16 */
+static float dot_row(const float *a, const void *m, int bf16, int64_t row, int64_t n) {
+    return bf16 ? dot_bf16(a, (const uint16_t *)m + row * n, n)
+                : dot_f32(a, (const float *)m + row * n, n);
+}
+
+/* y += alpha * row `row` of the (rows, n) matrix m, fp32 or bf16 */
+static void axpy_row(float alpha, const void *m, int bf16, int64_t row, float *restrict y,
+                     int64_t n) {
+    if (bf16) {
+        const uint16_t *restrict x = (const uint16_t *)m + row * n;
+        for (int64_t i = 0; i < n; i++) y[i] += alpha * from_bf16(x[i]);
+    } else {
+        const float *restrict x = (const float *)m + row * n;
+        for (int64_t i = 0; i < n; i++) y[i] += alpha * x[i];
+    }
 }
 
 /* 1 / sqrt(var(x) + eps), the biased variance as LayerNorm takes it, in double. */
@@ -39,32 +89,35 @@ static double inverse_sigma(const float *x, int64_t n, double eps) {
     return 1.0 / sqrt(var / (double)n + eps);
 }
 
-/* Returns 0, or 1 if it could not allocate its scratch (out untouched then). */
-int routed_delta_f32(int64_t n, int64_t d_in, int64_t d_out, int64_t experts, int64_t rank,
-                     int64_t k, const float *x, float *out, const float *vectors,
-                     const float *A, const float *B, int arrow, double eps,
-                     double temperature) {
-    float *scores = malloc(sizeof(float) * (size_t)experts);
+/* out (n, d_out) += the routed delta of x (n, d_in), each fp32 or bf16 (x_bf16, out_bf16).
+ * Returns 0, or 1 if it could not allocate its scratch (out untouched then). */
+int routed_delta(int64_t n, const void *x, int32_t x_bf16, void *out, int32_t out_bf16,
+                 const Params *p) {
+    const int64_t d_in = p->d_in, d_out = p->d_out, E = p->experts, r = p->rank, k = p->k;
+    float *scores = malloc(sizeof(float) * (size_t)(E + d_in + d_out + k));
     int64_t *chosen = malloc(sizeof(int64_t) * (size_t)k);
-    float *weights = malloc(sizeof(float) * (size_t)k);
-    if (!scores || !chosen || !weights) {
-        free(scores), free(chosen), free(weights);
+    if (!scores || !chosen) {
+        free(scores), free(chosen);
         return 1;
     }
+    float *xf = scores + E, *delta = xf + d_in, *weights = delta + d_out;
     for (int64_t t = 0; t < n; t++) {
-        const float *xt = x + t * d_in;
-        float *yt = out + t * d_out;
-        double scale = arrow ? 1.0 / temperature
-                             : inverse_sigma(xt, d_in, eps) / sqrt((double)d_in);
-        for (int64_t e = 0; e < experts; e++) {
-            float p = dot(xt, vectors + e * d_in, d_in);
-            scores[e] = (float)((arrow ? fabsf(p) : p) * scale);
+        const float *xt = xf;
+        if (x_bf16)
+            for (int64_t i = 0; i < d_in; i++) xf[i] = from_bf16(((const uint16_t *)x)[t * d_in + i]);
+        else
+            xt = (const float *)x + t * d_in;
+        double scale = p->arrow ? 1.0 / p->temperature
+                                : inverse_sigma(xt, d_in, p->eps) / sqrt((double)d_in);
+        for (int64_t e = 0; e < E; e++) {
+            float proj = dot_row(xt, p->vectors, p->vectors_bf16, e, d_in);
+            scores[e] = (float)((p->arrow ? fabsf(proj) : proj) * scale);
         }
         /* k passes of max, each over the experts not chosen yet; ties go to the lower index,
          * and a NaN score is never preferred (but an expert is always chosen) */
         for (int64_t j = 0; j < k; j++) {
             int64_t best = -1;
-            for (int64_t e = 0; e < experts; e++) {
+            for (int64_t e = 0; e < E; e++) {
                 int taken = 0;
                 for (int64_t i = 0; i < j; i++) taken |= chosen[i] == e;
                 if (!taken && (best < 0 || scores[e] > scores[best])) best = e;
@@ -75,12 +128,21 @@ int routed_delta_f32(int64_t n, int64_t d_in, int64_t d_out, int64_t experts, in
         for (int64_t j = 0; j < k; j++) total += exp((double)scores[chosen[j]] - scores[chosen[0]]);
         for (int64_t j = 0; j < k; j++)
             weights[j] = (float)(exp((double)scores[chosen[j]] - scores[chosen[0]]) / total);
-        for (int64_t j = 0; j < k; j++) {
-            const float *Ae = A + chosen[j] * rank * d_in, *Be = B + chosen[j] * rank * d_out;
-            for (int64_t i = 0; i < rank; i++)
-                axpy(weights[j] * dot(xt, Ae + i * d_in, d_in), Be + i * d_out, yt, d_out);
+        memset(delta, 0, sizeof(float) * (size_t)d_out);
+        for (int64_t j = 0; j < k; j++)
+            for (int64_t i = 0; i < r; i++) {
+                int64_t row = chosen[j] * r + i;
+                float hidden = dot_row(xt, p->A, p->stacks_bf16, row, d_in);
+                axpy_row(weights[j] * hidden, p->B, p->stacks_bf16, row, delta, d_out);
+            }
+        if (out_bf16) {
+            uint16_t *yt = (uint16_t *)out + t * d_out;
+            for (int64_t i = 0; i < d_out; i++) yt[i] = to_bf16(from_bf16(yt[i]) + delta[i]);
+        } else {
+            float *yt = (float *)out + t * d_out;
+            for (int64_t i = 0; i < d_out; i++) yt[i] += delta[i];
         }
     }
-    free(scores), free(chosen), free(weights);
+    free(scores), free(chosen);
     return 0;
 }
