@@ -90,29 +90,32 @@ static double inverse_sigma(const float *x, int64_t n, double eps) {
 }
 
 /* out (n, d_out) += the routed delta of x (n, d_in), each fp32 or bf16 (x_bf16, out_bf16).
- * Returns 0, or 1 if it could not allocate its scratch (out untouched then). */
+ * The projection runs expert by expert over all n tokens, so that each routing vector is read
+ * from memory once per call, not once per token. Returns 0, or 1 if it could not allocate
+ * its scratch (out untouched then). */
 int routed_delta(int64_t n, const void *x, int32_t x_bf16, void *out, int32_t out_bf16,
                  const Params *p) {
     const int64_t d_in = p->d_in, d_out = p->d_out, E = p->experts, r = p->rank, k = p->k;
-    float *scores = malloc(sizeof(float) * (size_t)(E + d_in + d_out + k));
+    float *scores = malloc(sizeof(float) * (size_t)(n * E + (x_bf16 ? n * d_in : 0) + d_out + k));
     int64_t *chosen = malloc(sizeof(int64_t) * (size_t)k);
     if (!scores || !chosen) {
         free(scores), free(chosen);
         return 1;
     }
-    float *xf = scores + E, *delta = xf + d_in, *weights = delta + d_out;
+    float *xf = scores + n * E, *delta = xf + (x_bf16 ? n * d_in : 0), *weights = delta + d_out;
+    if (x_bf16)
+        for (int64_t i = 0; i < n * d_in; i++) xf[i] = from_bf16(((const uint16_t *)x)[i]);
+    else
+        xf = (float *)x;
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t t = 0; t < n; t++)
+            scores[t * E + e] = dot_row(xf + t * d_in, p->vectors, p->vectors_bf16, e, d_in);
     for (int64_t t = 0; t < n; t++) {
-        const float *xt = xf;
-        if (x_bf16)
-            for (int64_t i = 0; i < d_in; i++) xf[i] = from_bf16(((const uint16_t *)x)[t * d_in + i]);
-        else
-            xt = (const float *)x + t * d_in;
+        const float *xt = xf + t * d_in;
+        float *st = scores + t * E;
         double scale = p->arrow ? 1.0 / p->temperature
                                 : inverse_sigma(xt, d_in, p->eps) / sqrt((double)d_in);
-        for (int64_t e = 0; e < E; e++) {
-            float proj = dot_row(xt, p->vectors, p->vectors_bf16, e, d_in);
-            scores[e] = (float)((p->arrow ? fabsf(proj) : proj) * scale);
-        }
+        for (int64_t e = 0; e < E; e++) st[e] = (float)((p->arrow ? fabsf(st[e]) : st[e]) * scale);
         /* k passes of max, each over the experts not chosen yet; ties go to the lower index,
          * and a NaN score is never preferred (but an expert is always chosen) */
         for (int64_t j = 0; j < k; j++) {
@@ -120,14 +123,14 @@ int routed_delta(int64_t n, const void *x, int32_t x_bf16, void *out, int32_t ou
             for (int64_t e = 0; e < E; e++) {
                 int taken = 0;
                 for (int64_t i = 0; i < j; i++) taken |= chosen[i] == e;
-                if (!taken && (best < 0 || scores[e] > scores[best])) best = e;
+                if (!taken && (best < 0 || st[e] > st[best])) best = e;
             }
             chosen[j] = best;
         }
         double total = 0;
-        for (int64_t j = 0; j < k; j++) total += exp((double)scores[chosen[j]] - scores[chosen[0]]);
+        for (int64_t j = 0; j < k; j++) total += exp((double)st[chosen[j]] - st[chosen[0]]);
         for (int64_t j = 0; j < k; j++)
-            weights[j] = (float)(exp((double)scores[chosen[j]] - scores[chosen[0]]) / total);
+            weights[j] = (float)(exp((double)st[chosen[j]] - st[chosen[0]]) / total);
         memset(delta, 0, sizeof(float) * (size_t)d_out);
         for (int64_t j = 0; j < k; j++)
             for (int64_t i = 0; i < r; i++) {
