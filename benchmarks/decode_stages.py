@@ -1,8 +1,10 @@
 """Where a decode step's time goes: a 1-token forward (no KV cache) of SmolLM2-135M (random
 weights) routed among E synthetic experts, with each routed module cut after its base layer,
 its router projection or its selection, or run in full (``routed_overhead.py``'s stages);
-and, with ``--kernels``, the full forward with the few-token gather kernel against the CPU
-sparse-matmul kernel (``GATHER_MAX_PAIRS`` set to 0), to check the threshold between them.
+and, with ``--kernels``, the full forward with the few-token kernel (the C kernel,
+``routing.native``, where it applies; else torch's gathers) against the CPU many-token kernel
+(``GATHER_MAX_PAIRS`` set to 0), to check the threshold between them. The "full" stage runs
+the few-token kernel; the cut stages run torch's projection and selection.
 
     python benchmarks/decode_stages.py --dtype bf16-autocast --batches 1 8
     python benchmarks/decode_stages.py --dtype fp32 --batches 1 4 8 16 --kernels
@@ -38,7 +40,7 @@ def main() -> None:
     set_path(model, "sparse")
     gather = container.GATHER_MAX_PAIRS
     if args.kernels:
-        variants = {"gather": (RoutedLinear.sparse_forward, gather),
+        variants = {"few-token kernel": (RoutedLinear.sparse_forward, gather),
                     "sparse matmuls": (RoutedLinear.sparse_forward, 0)}
     else:
         variants = {name: (fn, gather) for name, fn in STAGES.items() if name != "delta only"}

@@ -167,6 +167,19 @@ def test_built_once_into_the_cache_and_loaded_from_it(tmp_path, monkeypatch):
     assert native._library is not None
 
 
+def test_a_compiler_without_openmp_builds_it_single_threaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("PHATGOOSE_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "OPENMP", "-fno-such-option")
+    torch.manual_seed(2)
+    x, vectors = torch.randn(5, 40), torch.randn(7, 40)
+    A, B = torch.randn(7, 3, 40), torch.randn(7, 3, 9)
+    out = torch.zeros(5, 9)
+    native.add_routed_delta_(x, out, native.prepare(vectors, A, B, 2, False, 1e-5, 1.0))
+    torch.testing.assert_close(out.double(), reference(x, vectors, A, B, 2, False),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("compiler", ["no-such-compiler", "false"])
 def test_without_a_working_compiler_routing_falls_back_to_torch_with_a_warning(
         compiler, tmp_path, monkeypatch):

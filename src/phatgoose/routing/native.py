@@ -24,6 +24,9 @@ from phatgoose.paths import cache_dir
 
 SOURCE = Path(__file__).with_name("native_routing.c")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
+# OpenMP where the compiler has it: the kernel then links libgomp.so.1, which resolves to the
+# copy torch has already loaded, so it shares torch's threads (and their count)
+OPENMP = "-fopenmp"
 _library: ctypes.CDLL | None = None
 
 
@@ -52,7 +55,8 @@ def library() -> ctypes.CDLL:
     if _library is not None:
         return _library
     source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(FLAGS).encode() + _machine_key().encode())
+    digest = hashlib.sha256(source + " ".join((*FLAGS, OPENMP)).encode()
+                            + _machine_key().encode())
     path = cache_dir() / "kernels" / f"native_routing-{digest.hexdigest()[:16]}.so"
     if not path.exists():
         compiler = os.environ.get("CC", "cc")
@@ -62,9 +66,12 @@ def library() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
         os.close(fd)
         try:
-            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"],
-                                    capture_output=True, text=True)
-            if result.returncode != 0:
+            for flags in ((*FLAGS, OPENMP), FLAGS):  # without OpenMP: one thread
+                result = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, "-lm"],
+                                        capture_output=True, text=True)
+                if result.returncode == 0:
+                    break
+            else:
                 raise NativeBuildError(f"{compiler} failed: {result.stderr.strip()[:300]}")
             os.replace(tmp, path)
         finally:

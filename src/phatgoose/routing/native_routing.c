@@ -96,63 +96,78 @@ static double inverse_sigma(const float *x, int64_t n, double eps) {
     return 1.0 / sqrt(var / (double)n + eps);
 }
 
+/* Route token t of x (fp32, d_in) given its projection st (E, scaled in place): out row t +=
+ * its delta. chosen, weights (k) and delta (d_out) are the caller's scratch. */
+static void route_token(int64_t t, const float *xt, float *st, void *out, int32_t out_bf16,
+                        const Params *p, int64_t *chosen, float *weights, float *delta) {
+    const int64_t d_in = p->d_in, d_out = p->d_out, E = p->experts, r = p->rank, k = p->k;
+    double scale = p->arrow ? 1.0 / p->temperature
+                            : inverse_sigma(xt, d_in, p->eps) / sqrt((double)d_in);
+    for (int64_t e = 0; e < E; e++) st[e] = (float)((p->arrow ? fabsf(st[e]) : st[e]) * scale);
+    /* k passes of max, each over the experts not chosen yet; ties go to the lower index, and
+     * a NaN score is never preferred (but an expert is always chosen) */
+    for (int64_t j = 0; j < k; j++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; e++) {
+            int taken = 0;
+            for (int64_t i = 0; i < j; i++) taken |= chosen[i] == e;
+            if (!taken && (best < 0 || st[e] > st[best])) best = e;
+        }
+        chosen[j] = best;
+    }
+    double total = 0;
+    for (int64_t j = 0; j < k; j++) total += exp((double)st[chosen[j]] - st[chosen[0]]);
+    for (int64_t j = 0; j < k; j++)
+        weights[j] = (float)(exp((double)st[chosen[j]] - st[chosen[0]]) / total);
+    memset(delta, 0, sizeof(float) * (size_t)d_out);
+    for (int64_t j = 0; j < k; j++)
+        for (int64_t i = 0; i < r; i++) {
+            int64_t row = chosen[j] * r + i;
+            float hidden = dot_row(xt, p->A, p->stacks_bf16, row, d_in);
+            axpy_row(weights[j] * hidden, p->B, p->stacks_bf16, row, delta, d_out);
+        }
+    if (out_bf16) {
+        uint16_t *yt = (uint16_t *)out + t * d_out;
+        for (int64_t i = 0; i < d_out; i++) yt[i] = to_bf16(from_bf16(yt[i]) + delta[i]);
+    } else {
+        float *yt = (float *)out + t * d_out;
+        for (int64_t i = 0; i < d_out; i++) yt[i] += delta[i];
+    }
+}
+
+/* Below this many multiply-adds a loop runs on one thread (a parallel region costs µs). */
+#define PARALLEL_MIN 16384
+
 /* out (n, d_out) += the routed delta of x (n, d_in), each fp32 or bf16 (x_bf16, out_bf16).
  * The projection runs expert by expert over all n tokens, so that each routing vector is read
- * from memory once per call, not once per token. Returns 0, or 1 if it could not allocate
- * its scratch (out untouched then). */
+ * from memory once per call, not once per token; with OpenMP (the one torch loaded, so the
+ * same threads), the experts are split among the threads, then the tokens. Returns 0, or 1
+ * if it could not allocate its scratch (out untouched then). */
 int routed_delta(int64_t n, const void *x, int32_t x_bf16, void *out, int32_t out_bf16,
                  const Params *p) {
-    const int64_t d_in = p->d_in, d_out = p->d_out, E = p->experts, r = p->rank, k = p->k;
-    float *scores = malloc(sizeof(float) * (size_t)(n * E + (x_bf16 ? n * d_in : 0) + d_out + k));
-    int64_t *chosen = malloc(sizeof(int64_t) * (size_t)k);
-    if (!scores || !chosen) {
-        free(scores), free(chosen);
+    const int64_t d_in = p->d_in, d_out = p->d_out, E = p->experts, k = p->k;
+    const int64_t per_token = E + d_out + k; /* scratch per token: scores, delta, weights */
+    float *scratch = malloc(sizeof(float) * (size_t)(n * per_token + (x_bf16 ? n * d_in : 0)));
+    int64_t *chosen = malloc(sizeof(int64_t) * (size_t)(n * k));
+    if (!scratch || !chosen) {
+        free(scratch), free(chosen);
         return 1;
     }
-    float *xf = scores + n * E, *delta = xf + (x_bf16 ? n * d_in : 0), *weights = delta + d_out;
+    float *xf = scratch + n * per_token;
     if (x_bf16)
         for (int64_t i = 0; i < n * d_in; i++) xf[i] = from_bf16(((const uint16_t *)x)[i]);
     else
         xf = (float *)x;
+#pragma omp parallel for schedule(static) if (n * E * d_in >= PARALLEL_MIN)
     for (int64_t e = 0; e < E; e++)
         for (int64_t t = 0; t < n; t++)
-            scores[t * E + e] = dot_row(xf + t * d_in, p->vectors, p->vectors_bf16, e, d_in);
+            scratch[t * per_token + e] = dot_row(xf + t * d_in, p->vectors, p->vectors_bf16, e,
+                                                 d_in);
+#pragma omp parallel for schedule(static) if (n > 1 && n * k * p->rank * (d_in + d_out) >= PARALLEL_MIN)
     for (int64_t t = 0; t < n; t++) {
-        const float *xt = xf + t * d_in;
-        float *st = scores + t * E;
-        double scale = p->arrow ? 1.0 / p->temperature
-                                : inverse_sigma(xt, d_in, p->eps) / sqrt((double)d_in);
-        for (int64_t e = 0; e < E; e++) st[e] = (float)((p->arrow ? fabsf(st[e]) : st[e]) * scale);
-        /* k passes of max, each over the experts not chosen yet; ties go to the lower index,
-         * and a NaN score is never preferred (but an expert is always chosen) */
-        for (int64_t j = 0; j < k; j++) {
-            int64_t best = -1;
-            for (int64_t e = 0; e < E; e++) {
-                int taken = 0;
-                for (int64_t i = 0; i < j; i++) taken |= chosen[i] == e;
-                if (!taken && (best < 0 || st[e] > st[best])) best = e;
-            }
-            chosen[j] = best;
-        }
-        double total = 0;
-        for (int64_t j = 0; j < k; j++) total += exp((double)st[chosen[j]] - st[chosen[0]]);
-        for (int64_t j = 0; j < k; j++)
-            weights[j] = (float)(exp((double)st[chosen[j]] - st[chosen[0]]) / total);
-        memset(delta, 0, sizeof(float) * (size_t)d_out);
-        for (int64_t j = 0; j < k; j++)
-            for (int64_t i = 0; i < r; i++) {
-                int64_t row = chosen[j] * r + i;
-                float hidden = dot_row(xt, p->A, p->stacks_bf16, row, d_in);
-                axpy_row(weights[j] * hidden, p->B, p->stacks_bf16, row, delta, d_out);
-            }
-        if (out_bf16) {
-            uint16_t *yt = (uint16_t *)out + t * d_out;
-            for (int64_t i = 0; i < d_out; i++) yt[i] = to_bf16(from_bf16(yt[i]) + delta[i]);
-        } else {
-            float *yt = (float *)out + t * d_out;
-            for (int64_t i = 0; i < d_out; i++) yt[i] += delta[i];
-        }
+        float *st = scratch + t * per_token, *delta = st + E, *weights = delta + d_out;
+        route_token(t, xf + t * d_in, st, out, out_bf16, p, chosen + t * k, weights, delta);
     }
-    free(scores), free(chosen);
+    free(scratch), free(chosen);
     return 0;
 }
