@@ -167,6 +167,23 @@ def test_built_once_into_the_cache_and_loaded_from_it(tmp_path, monkeypatch):
     assert native._library is not None
 
 
+def test_an_unwritable_cache_is_a_build_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("PHATGOOSE_CACHE", str(blocker))
+    monkeypatch.setattr(native, "_library", None)
+    with pytest.raises(native.NativeBuildError, match="cannot build"):
+        native.library()
+
+
+def test_a_compiler_command_with_arguments(tmp_path, monkeypatch):
+    monkeypatch.setenv("PHATGOOSE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "env cc")
+    monkeypatch.setattr(native, "_library", None)
+    native.library()
+    assert len(list((tmp_path / "kernels").glob("*.so"))) == 1
+
+
 def test_a_compiler_without_openmp_builds_it_single_threaded(tmp_path, monkeypatch):
     monkeypatch.setenv("PHATGOOSE_CACHE", str(tmp_path))
     monkeypatch.setattr(native, "_library", None)

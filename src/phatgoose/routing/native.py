@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -32,6 +33,26 @@ _library: ctypes.CDLL | None = None
 
 class NativeBuildError(RuntimeError):
     """The C routing kernel could not be compiled or loaded here."""
+
+
+def _build(compiler: list[str], path: Path) -> None:
+    """Compile the kernel into ``path``, through a temporary file in its folder, renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        for flags in ((*FLAGS, OPENMP), FLAGS):  # without OpenMP: one thread
+            result = subprocess.run([*compiler, *flags, str(SOURCE), "-o", tmp, "-lm"],
+                                    capture_output=True, text=True)
+            if result.returncode == 0:
+                break
+        else:
+            raise NativeBuildError(f"{' '.join(compiler)} failed: "
+                                   f"{result.stderr.strip()[:300]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _machine_key() -> str:
@@ -59,24 +80,13 @@ def library() -> ctypes.CDLL:
                             + _machine_key().encode())
     path = cache_dir() / "kernels" / f"native_routing-{digest.hexdigest()[:16]}.so"
     if not path.exists():
-        compiler = os.environ.get("CC", "cc")
-        if shutil.which(compiler) is None:
-            raise NativeBuildError(f"no C compiler ({compiler!r}) on PATH")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-        os.close(fd)
+        compiler = shlex.split(os.environ.get("CC", "")) or ["cc"]  # "ccache gcc", say
+        if shutil.which(compiler[0]) is None:
+            raise NativeBuildError(f"no C compiler ({' '.join(compiler)!r}) on PATH")
         try:
-            for flags in ((*FLAGS, OPENMP), FLAGS):  # without OpenMP: one thread
-                result = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, "-lm"],
-                                        capture_output=True, text=True)
-                if result.returncode == 0:
-                    break
-            else:
-                raise NativeBuildError(f"{compiler} failed: {result.stderr.strip()[:300]}")
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            _build(compiler, path)
+        except OSError as err:  # an unwritable cache, say
+            raise NativeBuildError(f"cannot build {path}: {err}") from err
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as err:
