@@ -228,13 +228,15 @@ def test_a_deep_copy_reads_its_own_stacks():
         layer.lora_B.zero_()
     torch.testing.assert_close(twin(x), before, rtol=0, atol=0)
     torch.testing.assert_close(layer(x), layer.base(x), rtol=0, atol=0)
-    # and a changed router setting is seen
+    # and changed router settings are seen: the temperature, then k
     layer = layer_of(24, 10, 12, router_kind="arrow")
     layer(x)
-    layer.router.temperature = 100.0
-    native_out = layer(x)
-    layer.path = "dense"
-    torch.testing.assert_close(native_out, layer(x), rtol=1e-5, atol=1e-5)
+    for setting, value in (("temperature", 100.0), ("top_k", 3)):
+        setattr(layer.router, setting, value)
+        native_out = layer(x)
+        layer.path = "dense"
+        torch.testing.assert_close(native_out, layer(x), rtol=1e-5, atol=1e-5)
+        layer.path = "sparse"
 
 
 def test_where_autograd_records_torchs_ops_run(monkeypatch):

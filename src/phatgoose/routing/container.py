@@ -135,7 +135,8 @@ class RoutedLinear(nn.Module):
         self.path: Literal["sparse", "dense"] = (
             "sparse" if isinstance(router, TopKRouter) else "dense")
         self.shared: tuple[SharedProjection, int] | None = None
-        self._native: tuple[native.Prepared, dict] | None = None  # see _native_arguments
+        # the C kernel's packed arguments and the router settings they hold: _native_arguments
+        self._native: tuple[native.Prepared, tuple[int, dict]] | None = None
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave out the C kernel's packed arguments (addresses of this
@@ -338,16 +339,18 @@ class RoutedLinear(nn.Module):
 
     def _native_arguments(self) -> native.Prepared:
         """The C kernel's fixed arguments, packed once and again only when the stacks, the
-        vectors (replaced by ``.to()``, say; moved by a deepcopy) or the scoring rule change.
-        Read without nn.Module's attribute lookup: at one token, microseconds count."""
+        vectors (replaced by ``.to()``, say; moved by a deepcopy), the router's k or its scoring
+        rule change. Read without nn.Module's attribute lookup: at one token, microseconds
+        count."""
         router = self._modules["router"]
         tensors = (router._buffers["vectors"], self._buffers["lora_A"], self._buffers["lora_B"])
-        rule = self._scoring_rule()
+        settings = (router.top_k, self._scoring_rule())
         cached = self._native
-        if (cached is None or cached[1] != rule
+        if (cached is None or cached[1] != settings
                 or any(a is not b for a, b in zip(cached[0].tensors, tensors))
                 or cached[0].addresses != tuple(t.data_ptr() for t in tensors)):
-            cached = self._native = (native.prepare(*tensors, router.top_k, **rule), rule)
+            cached = self._native = (native.prepare(*tensors, settings[0], **settings[1]),
+                                     settings)
         return cached[0]
 
     def _scoring_rule(self) -> dict:

@@ -55,6 +55,12 @@ def _build(compiler: list[str], path: Path) -> None:
             os.unlink(tmp)
 
 
+def _compiler() -> list[str]:
+    """The C compiler's command: ``$CC`` (which may carry arguments, "ccache gcc" say), else
+    ``cc``."""
+    return shlex.split(os.environ.get("CC", "")) or ["cc"]
+
+
 def _machine_key() -> str:
     """What the compiled code depends on besides its source: the CPU's instruction sets
     (-march=native) and the compiler."""
@@ -66,7 +72,7 @@ def _machine_key() -> str:
                 break
     except OSError:
         pass
-    return f"{os.uname().machine} {flags} {os.environ.get('CC', 'cc')}"
+    return f"{os.uname().machine} {flags} {' '.join(_compiler())}"
 
 
 def library() -> ctypes.CDLL:
@@ -80,7 +86,7 @@ def library() -> ctypes.CDLL:
                             + _machine_key().encode())
     path = cache_dir() / "kernels" / f"native_routing-{digest.hexdigest()[:16]}.so"
     if not path.exists():
-        compiler = shlex.split(os.environ.get("CC", "")) or ["cc"]  # "ccache gcc", say
+        compiler = _compiler()
         if shutil.which(compiler[0]) is None:
             raise NativeBuildError(f"no C compiler ({' '.join(compiler)!r}) on PATH")
         try:
