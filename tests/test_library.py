@@ -128,6 +128,24 @@ def test_files_are_written_whole_or_not_at_all(tmp_path):
     assert stat.S_IMODE((tmp_path / "lib").stat().st_mode) == 0o777 & ~umask
 
 
+def test_the_umask_is_read_without_being_changed(tmp_path, monkeypatch):
+    """On Linux the umask comes from /proc/self/status: os.umask, which sets it to 0 and back,
+    is never called (a file another thread created in between would be world-writable)."""
+    previous = os.umask(0o027)
+    try:
+        def no_umask(mask):
+            raise AssertionError("os.umask called")
+
+        monkeypatch.setattr(os, "umask", no_umask)
+        write_text(tmp_path / "a.txt", "a")
+        write_dir_atomically(tmp_path / "d", lambda folder: None)
+        monkeypatch.undo()
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o750
+
+
 def test_gpt2_conv1d_modules_are_routed(tokenizer, tmp_path):
     gpt2 = wrap_model(tiny_gpt2(len(tokenizer)), tokenizer, "gpt2")
     lib = ExpertLibrary.build(tmp_path / "lib", [random_expert(gpt2, tmp_path / "e", seed=0)])

@@ -94,9 +94,22 @@ def write_atomically(path: Path, fill: Callable[[Path], object]) -> None:
 def _plain_mode(path: Path, mode: int) -> None:
     """Give a temporary file (created 0600) or folder (0700) the permissions a plain create
     would have given it: ``mode`` less the process's umask."""
-    umask = os.umask(0)
+    os.chmod(path, mode & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask, read from ``/proc/self/status`` where the kernel reports it (Linux):
+    reading it with ``os.umask`` means setting it to 0 and back, and a file another thread
+    creates in between gets mode 0666."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0)  # elsewhere the only way: set it and restore it
     os.umask(umask)
-    os.chmod(path, mode & ~umask)
+    return umask
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
