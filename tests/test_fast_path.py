@@ -19,6 +19,7 @@ from phatgoose.routing import (
     PhatgooseRouter,
     RoutedLinear,
     container,
+    native,
     route,
     routed_modules,
     standardise,
@@ -45,12 +46,13 @@ def test_folded_standardisation_equals_layernorm_of_both_sides():
 @pytest.mark.parametrize("kind", ["phatgoose", "arrow"])
 @pytest.mark.parametrize("top_k", [1, 2, 4])
 @pytest.mark.parametrize("tokens,kernel", [(3, "native"), (3, "gather"),
-                                           (200, "compiled-gather"), (200, "sparse-matmul"),
-                                           (200, "grouped")])
+                                           (200, "native-prefill"), (200, "compiled-gather"),
+                                           (200, "sparse-matmul"), (200, "grouped")])
 def test_sparse_path_equals_dense_reference(kind, top_k, tokens, kernel, monkeypatch):
     """Each of the sparse path's kernels (few tokens: the C kernel, else torch's gathers; many
-    on CPU: the compiled gather-and-reduce, else sparse matmuls; elsewhere grouped matmuls)
-    against the dense reference and a loop over experts."""
+    on CPU: the compiled choices with the C kernel's delta, or the compiled gather-and-reduce,
+    else sparse matmuls; elsewhere grouped matmuls) against the dense reference and a loop over
+    experts."""
     def unused(*args, **kwargs):
         raise AssertionError(f"the {kernel} kernel should run")
 
@@ -60,13 +62,17 @@ def test_sparse_path_equals_dense_reference(kind, top_k, tokens, kernel, monkeyp
         monkeypatch.setattr(container, "CPU_NATIVE_DECODE", False)
     if kernel != "compiled-gather":
         monkeypatch.setattr(container, "compiled_routed_output", unused)
+    if kernel != "native-prefill":
+        monkeypatch.setattr(native, "add_chosen_delta_", unused)
+    if kernel == "compiled-gather":
+        monkeypatch.setattr(container, "CPU_NATIVE_PREFILL", False)
     if kernel == "grouped":
         monkeypatch.setattr(container, "CPU_SPARSE_MATMULS", False)
         monkeypatch.setattr(torch.sparse, "sampled_addmm", unused)
     elif kernel == "sparse-matmul":
         monkeypatch.setattr(container, "CPU_COMPILED_DELTA", False)
         monkeypatch.setattr(container, "grouped_matmul", unused)
-    elif kernel == "compiled-gather":
+    elif kernel in ("compiled-gather", "native-prefill"):
         monkeypatch.setattr(container, "grouped_matmul", unused)
         monkeypatch.setattr(torch.sparse, "sampled_addmm", unused)
     torch.manual_seed(top_k + tokens)

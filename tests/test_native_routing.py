@@ -1,5 +1,7 @@
-"""The few-token routed delta as one C call (``routing.native``): against torch's computation,
-its choices at ties, its build cache and fallback, its argument checks, and decoding with it."""
+"""The routed delta in C (``routing.native``): the few-token kernel (router, top-k and delta in
+one call) against torch's computation, its choices at ties, its build cache and fallback, its
+argument checks, and decoding with it; the many-token kernel (the delta of chosen experts)
+against fp64 and in a routed forward."""
 
 import copy
 import math
@@ -206,12 +208,13 @@ def test_without_a_working_compiler_routing_falls_back_to_torch_with_a_warning(
     monkeypatch.setenv("CC", compiler)
     monkeypatch.setattr(native, "_library", None)
     monkeypatch.setattr(container, "CPU_NATIVE_DECODE", True)
+    monkeypatch.setattr(container, "CPU_NATIVE_PREFILL", True)
     layer = layer_of(24, 10, 12)
     x = torch.randn(3, 24)
     assert layer.sparse_kernel(3, "cpu", x.dtype) == "native"
     with pytest.warns(RuntimeWarning, match="native routing kernel cannot be built here"):
         out = layer(x)
-    assert container.CPU_NATIVE_DECODE is False
+    assert container.CPU_NATIVE_DECODE is False and container.CPU_NATIVE_PREFILL is False
     assert layer.sparse_kernel(3, "cpu", x.dtype) == "gather"
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # nothing half-written
     layer.path = "dense"
@@ -291,3 +294,112 @@ def test_greedy_decoding_with_the_kernel_generates_what_torch_ops_generate(llama
     assert torch.equal(runs[0].sequences, runs[1].sequences)
     torch.testing.assert_close(torch.stack(runs[0].logits), torch.stack(runs[1].logits),
                                rtol=1e-4, atol=1e-4)
+
+
+def chosen_reference(x, out, experts, weights, A, B):
+    """out + sum_j w_tj (A_e x_t) B_e in fp64, pair by pair."""
+    expected = out.double().clone()
+    for t in range(x.shape[0]):
+        for e, w in zip(experts[t], weights[t]):
+            expected[t] += float(w) * (A[e].double() @ x[t].double()) @ B[e].double()
+    return expected
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("d_in,d_out,rank,experts,tokens", [
+    (37, 100, 8, 9, 300),   # d_in off the 8-wide lanes; 3 full 32-column blocks and a tail
+    (64, 64, 11, 5, 257),   # rank 8 + 3 rows; every block full
+    (13, 7, 4, 3, 2),       # narrower than one block, rank under 8, few tokens
+    (24, 40, 8, 6, 0),      # no tokens
+])
+def test_chosen_delta_equals_fp64(k, d_in, d_out, rank, experts, tokens):
+    """The many-token kernel adds each pair's delta, wherever the dimensions fall on its
+    blocks, the threads' split and the lanes."""
+    torch.manual_seed(k + d_in + tokens)
+    x = torch.randn(tokens, d_in)
+    A, B = torch.randn(experts, rank, d_in), torch.randn(experts, rank, d_out)
+    chosen = torch.stack([torch.randperm(experts)[:k] for _ in range(tokens)]) if tokens else (
+        torch.zeros(0, k, dtype=torch.int64))
+    weights = torch.rand(tokens, k)
+    out = torch.randn(tokens, d_out)
+    expected = chosen_reference(x, out, chosen, weights, A, B)
+    prepared = native.prepare(torch.randn(experts, d_in), A, B, k, False, 1e-5, 1.0)
+    native.add_chosen_delta_(x, out, chosen, weights, prepared)
+    scale = float(expected.abs().max()) if tokens else 1.0
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_chosen_delta_rejects_bad_arguments():
+    torch.manual_seed(0)
+    E, r, d_in, d_out, k, n = 4, 8, 16, 12, 2, 5
+    A, B = torch.randn(E, r, d_in), torch.randn(E, r, d_out)
+    prepared = native.prepare(torch.randn(E, d_in), A, B, k, False, 1e-5, 1.0)
+    x, out = torch.randn(n, d_in), torch.randn(n, d_out)
+    experts, weights = torch.zeros(n, k, dtype=torch.int64), torch.rand(n, k)
+    with pytest.raises(ValueError, match="outside the library's 4"):
+        native.add_chosen_delta_(x, out, experts + 4, weights, prepared)
+    with pytest.raises(ValueError, match="outside"):
+        native.add_chosen_delta_(x, out, experts - 1, weights, prepared)
+    with pytest.raises(ValueError, match="do not fit a 16 -> 12 layer with k = 2"):
+        native.add_chosen_delta_(x, out, experts[:, :1].contiguous(), weights, prepared)
+    with pytest.raises(ValueError, match="do not fit"):
+        native.add_chosen_delta_(torch.randn(n, 15), out, experts, weights, prepared)
+    with pytest.raises(ValueError, match="contiguous fp32 CPU tensors"):
+        native.add_chosen_delta_(x.bfloat16(), out, experts, weights, prepared)
+    with pytest.raises(ValueError, match="int64"):
+        native.add_chosen_delta_(x, out, experts.int(), weights, prepared)
+    bf16 = native.prepare(torch.randn(E, d_in), A.bfloat16(), B.bfloat16(), k, False, 1e-5, 1.)
+    with pytest.raises(ValueError, match="contiguous fp32 CPU tensors"):
+        native.add_chosen_delta_(x, out, experts, weights, bf16)
+    untouched = out.clone()
+    with pytest.raises(ValueError):
+        native.add_chosen_delta_(x, out, experts + 4, weights, prepared)
+    assert torch.equal(out, untouched)
+
+
+@pytest.mark.parametrize("router_kind", ["phatgoose", "arrow"])
+def test_prefill_through_the_c_delta_equals_the_compiled_gather(router_kind, monkeypatch):
+    """A routed fp32 layer at many tokens: the compiled choices with the C kernel's delta give
+    the compiled gather-and-reduce's output (and the dense reference's), rank 8 (the kernel's
+    8-row dot products), outputs on and off its 32-column blocks; the C path really ran."""
+    calls = []
+    real = native.add_chosen_delta_
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(native, "add_chosen_delta_", counted)
+    for d_out in (64, 50):
+        torch.manual_seed(d_out)
+        vectors = torch.randn(12, 40)
+        router = (PhatgooseRouter(vectors, 2) if router_kind == "phatgoose"
+                  else ArrowRouter(vectors, 2, temperature=0.7))
+        layer = RoutedLinear.from_experts(nn.Linear(40, d_out),
+                                          random_loras(40, d_out, [8] * 12), router)
+        layer.requires_grad_(False).path = "sparse"
+        x = torch.randn(2, 150, 40)
+        assert layer.sparse_kernel(300, "cpu", x.dtype) == "compiled-gather"
+        with torch.no_grad():
+            native_out = layer(x)
+            monkeypatch.setattr(container, "CPU_NATIVE_PREFILL", False)
+            compiled_out = layer(x)
+            monkeypatch.setattr(container, "CPU_NATIVE_PREFILL", True)
+            layer.path = "dense"
+            dense_out = layer(x)
+        scale = float(dense_out.abs().max())
+        torch.testing.assert_close(native_out, compiled_out, rtol=0, atol=1e-5 * scale)
+        torch.testing.assert_close(native_out, dense_out, rtol=0, atol=1e-4 * scale)
+    assert len(calls) == 2
+
+
+def test_prefill_with_gradients_leaves_the_c_kernel():
+    """Where autograd records (x requires grad), the many-token path is the compiled one,
+    whose output has a gradient."""
+    layer = layer_of(24, 40, 12)
+    layer.path = "sparse"
+    x = torch.randn(100, 24, requires_grad=True)
+    out = layer(x)
+    assert out.requires_grad
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

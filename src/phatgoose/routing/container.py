@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +63,23 @@ EXTRA_CANDIDATES = 2
 # the first failure turns it off for the process, with a warning, and torch's ops run
 # (``_add_gathered_delta``).
 CPU_NATIVE_DECODE = True
+# Many tokens on CPU in fp32 (prefill), routed by PHATGOOSE or Arrow: the compiled function
+# chooses the experts (``compiled_routed_choices``: scores, top-k, softmax) and the C kernel
+# adds their delta (``native.add_chosen_delta_``), the (token, slot) pairs grouped by expert
+# for A and the tokens streamed past blocks of B: the delta 1.2-2x faster than inductor's
+# gather-and-reduce at E = 64 (docs/PERFORMANCE.md). Where the kernel cannot be built, both
+# C paths turn off (one warning) and ``compiled_routed_output`` runs.
+CPU_NATIVE_PREFILL = True
 # what torch.compile raises when it cannot build a kernel (no compiler, a broken toolchain)
 COMPILE_ERRORS = (torch._dynamo.exc.BackendCompilerFailed, OSError)
+
+
+def _native_unavailable(err: Exception) -> None:
+    """The C kernel cannot be built here: both its paths off for the process, with a warning."""
+    global CPU_NATIVE_DECODE, CPU_NATIVE_PREFILL
+    CPU_NATIVE_DECODE = CPU_NATIVE_PREFILL = False
+    warnings.warn(f"the native routing kernel cannot be built here ({err}); routing with "
+                  "torch's ops instead", RuntimeWarning, stacklevel=4)
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 # On a GPU the sparse path's kernel depends on how the forward is launched (measured on an
 # H200 in bf16, SmolLM2's 210 modules, E = 8 to 256; docs/PERFORMANCE.md):
@@ -220,8 +236,11 @@ class RoutedLinear(nn.Module):
         if kernel == "compiled-gather":
             candidates = self.bf16_candidates(flat_x)
             x_routing, projection = self.routing_inputs(x, bf16=candidates)
-            routed = self._compiled_output(x_routing.reshape(flat_x.shape), projection.reshape(
-                flat_x.shape[0], -1), flat_out, candidates)
+            x_routing = x_routing.reshape(flat_x.shape)
+            projection = projection.reshape(flat_x.shape[0], -1)
+            if not candidates and self._add_chosen_delta(x_routing, projection, flat_out):
+                return out
+            routed = self._compiled_output(x_routing, projection, flat_out, candidates)
             if routed is not None:
                 return routed.view(out.shape)
             kernel = "sparse-matmul"  # it could not be built here
@@ -324,7 +343,6 @@ class RoutedLinear(nn.Module):
         (it is not differentiable, and writes behind autograd's back), where the output is
         neither fp32 nor bf16, or where the kernel cannot be built, which then turns it off
         for the process, with a warning."""
-        global CPU_NATIVE_DECODE
         if (torch.is_grad_enabled() and (flat_x.requires_grad or flat_out.requires_grad)) or (
                 flat_out.dtype not in native.DTYPES):
             return False
@@ -332,9 +350,30 @@ class RoutedLinear(nn.Module):
             native.add_routed_delta_(flat_x.contiguous(), flat_out, self._native_arguments())
             return True
         except native.NativeBuildError as err:
-            CPU_NATIVE_DECODE = False
-            warnings.warn(f"the native routing kernel cannot be built here ({err}); routing "
-                          "few tokens with torch's ops instead", RuntimeWarning, stacklevel=3)
+            _native_unavailable(err)
+            return False
+
+    def _add_chosen_delta(self, x: Tensor, projection: Tensor, flat_out: Tensor) -> bool:
+        """Many tokens in fp32 on CPU: flat_out += the delta of the experts that
+        ``compiled_routed_choices`` picks from ``projection``, added by the C kernel
+        (``native.add_chosen_delta_``). False where it does not apply (other dtypes, autograd
+        recording, ``CPU_NATIVE_PREFILL`` off) or cannot run here (no compiler for either)."""
+        fp32 = torch.float32
+        if not (CPU_NATIVE_PREFILL and x.dtype == fp32 and flat_out.dtype == fp32
+                and self._buffers["lora_A"].dtype == fp32
+                and self._modules["router"]._buffers["vectors"].dtype == fp32) or (
+                torch.is_grad_enabled() and (x.requires_grad or flat_out.requires_grad)):
+            return False
+        choices = self._compiled_choices(x, projection)
+        if choices is None:
+            return False
+        weights, experts = choices
+        try:
+            native.add_chosen_delta_(x.contiguous(), flat_out, experts.contiguous(),
+                                     weights.contiguous(), self._native_arguments())
+            return True
+        except native.NativeBuildError as err:
+            _native_unavailable(err)
             return False
 
     def _native_arguments(self) -> native.Prepared:
@@ -385,6 +424,24 @@ class RoutedLinear(nn.Module):
                           "kernels instead", RuntimeWarning, stacklevel=3)
             return None
 
+    def _compiled_choices(self, x: Tensor, projection: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(weights, experts) of each token's k best experts by ``compiled_routed_choices``;
+        None where torch.compile cannot build it (handled as in ``_compiled_output``)."""
+        global CPU_COMPILED_DELTA
+        vectors = (self.router.vectors if self.shared is None
+                   else self.shared[0].member_vectors(self.shared[1]))
+        try:
+            return compiled_routed_choices(x, projection, vectors, self.router.top_k, 0,
+                                           **self._scoring_rule())
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            return None
+        except COMPILE_ERRORS as err:
+            CPU_COMPILED_DELTA = False
+            warnings.warn(f"the compiled routing cannot be built here ({type(err).__name__}"
+                          f": {str(err).splitlines()[0][:200]}); routing with torch's sparse "
+                          "kernels instead", RuntimeWarning, stacklevel=3)
+            return None
+
     def _add_sparse_delta(
         self, flat_x: Tensor, out: Tensor, flat_out: Tensor, weights: Tensor, experts: Tensor
     ) -> Tensor:
@@ -428,17 +485,16 @@ def gathered_delta(x: Tensor, A: Tensor, B: Tensor, experts: Tensor, weights: Te
     return (hidden[..., None] * B[experts].to(x.dtype)).sum((1, 2))  # hidden: (n, k, r)
 
 
-def routed_output(out: Tensor, x: Tensor, projection: Tensor, vectors: Tensor, A: Tensor,
-                  B: Tensor, k: int, candidates: int, arrow: bool, eps: float,
-                  temperature: float) -> Tensor:
-    """out + the delta of each token's k best experts (``gathered_delta``), chosen from the
-    router's projection x . v_e (n, E) as ``PhatgooseRouter`` does (``phatgoose_scores``) or,
-    if ``arrow``, ``ArrowRouter`` (``arrow_scores``); the softmax over the k weights them.
-    With ``candidates`` > 0, ``projection`` is approximate (bf16): its ``candidates`` highest
-    scores per token (the same order as the router's scores: a positive per-token scale, or
-    the absolute value) pick the candidates, whose x . v_e is computed again from ``vectors``
-    (E, d_in), exactly, before the k best are taken from them. Computed in x's scoring dtype
-    (fp32 or fp64, ``scoring``) and rounded once to out's: (n, d_out)."""
+def routed_choices(x: Tensor, projection: Tensor, vectors: Tensor, k: int, candidates: int,
+                   arrow: bool, eps: float, temperature: float) -> tuple[Tensor, Tensor]:
+    """Each token's k best experts and their weights, (n, k) each: chosen from the router's
+    projection x . v_e (n, E) as ``PhatgooseRouter`` does (``phatgoose_scores``) or, if
+    ``arrow``, ``ArrowRouter`` (``arrow_scores``), weighted by the softmax over the k. With
+    ``candidates`` > 0, ``projection`` is approximate (bf16): its ``candidates`` highest scores
+    per token (the same order as the router's scores: a positive per-token scale, or the
+    absolute value) pick the candidates, whose x . v_e is computed again from ``vectors`` (E,
+    d_in), exactly, before the k best are taken from them. Computed in x's scoring dtype (fp32
+    or fp64, ``scoring``)."""
     x = scoring(x)
     if candidates:
         order = projection.to(x.dtype)
@@ -450,33 +506,56 @@ def routed_output(out: Tensor, x: Tensor, projection: Tensor, vectors: Tensor, A
     weights, experts = top_k_weights(scores, k, many_rows=True)
     if candidates:
         experts = chosen.gather(-1, experts)
-    delta = gathered_delta(x, A, B, experts, weights)
+    return weights, experts
+
+
+def routed_output(out: Tensor, x: Tensor, projection: Tensor, vectors: Tensor, A: Tensor,
+                  B: Tensor, k: int, candidates: int, arrow: bool, eps: float,
+                  temperature: float) -> Tensor:
+    """out + the delta of each token's k best experts (``routed_choices``, then
+    ``gathered_delta``), computed in x's scoring dtype and rounded once to out's: (n, d_out)."""
+    weights, experts = routed_choices(x, projection, vectors, k, candidates, arrow, eps,
+                                      temperature)
+    delta = gathered_delta(scoring(x), A, B, experts, weights)
     return (out.to(delta.dtype) + delta).to(out.dtype)
 
 
-_compiled_routed_output = None
-# the most graphs ``compiled_routed_output`` compiles; past it, calls run the sparse kernels
+# routed_output and routed_choices, each compiled at its first call
+_compiled: dict[Callable, Callable] = {}
+# the most graphs each compiles; past it, calls run the sparse kernels
 COMPILED_GRAPHS = 64
 
 
-def compiled_routed_output(out: Tensor, x: Tensor, projection: Tensor, vectors: Tensor,
-                           A: Tensor, B: Tensor, k: int, candidates: int, arrow: bool,
-                           eps: float, temperature: float) -> Tensor:
-    """``routed_output`` compiled once per layer shape (d_in, d_out, E, r, k, dtypes, router
-    kind), for any number of tokens (marked dynamic; the other sizes stay static, which inductor
-    vectorises: all-dynamic shapes ran 1.6x slower)."""
-    global _compiled_routed_output
-    if _compiled_routed_output is None:
-        _compiled_routed_output = torch.compile(routed_output, dynamic=False)
-    for t in (out, x, projection):
+def _call_compiled(function: Callable, tokens: tuple[Tensor, ...], *args: Any) -> Any:
+    """``function(*args)`` compiled once per layer shape (d_in, d_out, E, r, k, dtypes, router
+    kind), for any number of tokens (dimension 0 of ``tokens`` marked dynamic; the other sizes
+    stay static, which inductor vectorises: all-dynamic shapes ran 1.6x slower)."""
+    if function not in _compiled:
+        _compiled[function] = torch.compile(function, dynamic=False)
+    for t in tokens:
         torch._dynamo.mark_dynamic(t, 0)
     # one graph per layer shape and dtypes: a model has a few, several libraries a few more
     # than dynamo's default limit of 8. Past the limit, dynamo raises (FailOnRecompileLimitHit)
     # rather than run it eagerly, which would form (n, k, r, d) tensors.
     with torch._dynamo.config.patch(recompile_limit=COMPILED_GRAPHS,
                                     fail_on_recompile_limit_hit=True):
-        return _compiled_routed_output(out, x, projection, vectors, A, B, k, candidates,
-                                       arrow, eps, temperature)
+        return _compiled[function](*args)
+
+
+def compiled_routed_output(out: Tensor, x: Tensor, projection: Tensor, vectors: Tensor,
+                           A: Tensor, B: Tensor, k: int, candidates: int, arrow: bool,
+                           eps: float, temperature: float) -> Tensor:
+    """``routed_output``, compiled (``_call_compiled``)."""
+    return _call_compiled(routed_output, (out, x, projection), out, x, projection, vectors, A,
+                          B, k, candidates, arrow, eps, temperature)
+
+
+def compiled_routed_choices(x: Tensor, projection: Tensor, vectors: Tensor, k: int,
+                            candidates: int, arrow: bool, eps: float, temperature: float
+                            ) -> tuple[Tensor, Tensor]:
+    """``routed_choices``, compiled (``_call_compiled``)."""
+    return _call_compiled(routed_choices, (x, projection), x, projection, vectors, k,
+                          candidates, arrow, eps, temperature)
 
 
 def bf16_projection(x: Tensor, vectors: Tensor) -> Tensor:

@@ -100,6 +100,9 @@ def library() -> ctypes.CDLL:
     lib.routed_delta.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
                                  ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(Params)]
     lib.routed_delta.restype = ctypes.c_int
+    lib.chosen_delta.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                 ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(Params)]
+    lib.chosen_delta.restype = ctypes.c_int
     _library = lib
     return lib
 
@@ -172,4 +175,31 @@ def add_routed_delta_(x: Tensor, out: Tensor, prepared: Prepared) -> None:
     bf16 = torch.bfloat16
     if library().routed_delta(n, x.data_ptr(), x.dtype == bf16, out.data_ptr(),
                               out.dtype == bf16, prepared.params):
+        raise MemoryError("the native routing kernel could not allocate its scratch")
+
+
+def add_chosen_delta_(x: Tensor, out: Tensor, experts: Tensor, weights: Tensor,
+                      prepared: Prepared) -> None:
+    """out += sum_j w_tj (A_e x_t) B_e over each row's chosen experts e = experts[t, j] (int64,
+    (n, k), k as ``prepare`` was given it) and their weights (n, k): the delta of many tokens
+    (prefill) once the router has chosen, the (token, slot) pairs grouped by expert in C. x
+    (n, d_in), out (n, d_out), weights and the prepared stacks are contiguous fp32 CPU
+    tensors; out is written in place."""
+    params = prepared.params.contents
+    n, d_in = x.shape
+    for t in (x, out, weights, *prepared.tensors[1:]):
+        if t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous():
+            raise ValueError("add_chosen_delta_ takes contiguous fp32 CPU tensors, got a "
+                             f"{t.dtype} tensor on {t.device}")
+    if d_in != prepared.d_in or out.shape != (n, prepared.d_out) or (
+            experts.shape != (n, params.k) or weights.shape != (n, params.k)):
+        raise ValueError(f"x {tuple(x.shape)}, out {tuple(out.shape)}, experts "
+                         f"{tuple(experts.shape)} and weights {tuple(weights.shape)} do not fit "
+                         f"a {prepared.d_in} -> {prepared.d_out} layer with k = {params.k}")
+    if experts.dtype != torch.int64 or not experts.is_contiguous():
+        raise ValueError(f"experts must be a contiguous int64 tensor, got {experts.dtype}")
+    if n and (experts.min() < 0 or experts.max() >= params.experts):
+        raise ValueError(f"experts holds an index outside the library's {params.experts}")
+    if library().chosen_delta(n, x.data_ptr(), out.data_ptr(), experts.data_ptr(),
+                              weights.data_ptr(), prepared.params):
         raise MemoryError("the native routing kernel could not allocate its scratch")

@@ -1,4 +1,4 @@
-/* The routed delta of a few tokens (decoding) on CPU, in one call: for each token x_t,
+/* The routed delta on CPU. routed_delta: a few tokens (decoding), in one call: for each x_t,
  *   projection  p_e = x_t . v_e                         for the E routing vectors v_e
  *   scores      s_e = p_e / (sigma_x sqrt(d_in))        PHATGOOSE (v_e stored standardised)
  *               s_e = |p_e| / temperature               Arrow
@@ -8,6 +8,7 @@
  * torch's version is ten small ops per module, each microseconds of dispatch at one token.
  * Tensors are fp32 or bf16; everything is computed in fp32 and the delta is added to out once,
  * rounded once where out is bf16 (as torch adds an fp32 delta to a bf16 output).
+ * chosen_delta: many tokens (prefill), fp32, the delta alone, of experts chosen in torch.
  * Compiled by the system's C compiler for the machine it runs on (-march=native): the loops
  * below are written with independent partial sums so that it vectorises them.
  */
@@ -82,6 +83,11 @@ static void axpy_row(float alpha, const void *m, int bf16, int64_t row, float *r
         const float *restrict x = (const float *)m + row * n;
         for (int64_t i = 0; i < n; i++) y[i] += alpha * x[i];
     }
+}
+
+/* y[0:len] += alpha * x[0:len] */
+static void axpy(float alpha, const float *restrict x, float *restrict y, int64_t len) {
+    for (int64_t i = 0; i < len; i++) y[i] += alpha * x[i];
 }
 
 /* 1 / sqrt(var(x) + eps), the biased variance as LayerNorm takes it, in double, each sum
@@ -169,5 +175,106 @@ int routed_delta(int64_t n, const void *x, int32_t x_bf16, void *out, int32_t ou
         route_token(t, xf + t * d_in, st, out, out_bf16, p, chosen + t * k, weights, delta);
     }
     free(scratch), free(chosen);
+    return 0;
+}
+
+/* eight fp32 lanes (GCC and Clang vector extensions: AVX2 registers here, two NEON ones on ARM) */
+typedef float v8 __attribute__((vector_size(32)));
+
+static inline v8 load8(const float *p) {
+    v8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline float sum8(v8 v) {
+    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+/* res[i] = x . a[i * n : (i + 1) * n] for the 8 rows i of a, x's loads shared among them */
+static void dot8_rows(const float *restrict x, const float *restrict a, int64_t n,
+                      float *restrict res) {
+    v8 s[8] = {{0}};
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) {
+        const v8 xv = load8(x + c);
+        for (int i = 0; i < 8; i++) s[i] += xv * load8(a + i * n + c);
+    }
+    for (int i = 0; i < 8; i++) {
+        res[i] = sum8(s[i]);
+        for (int64_t j = c; j < n; j++) res[i] += x[j] * a[i * n + j];
+    }
+}
+
+/* columns of out per block in chosen_delta: 32 floats, 4 registers of sums. 64 ran slower where
+ * d_out = 1536: the block's E r rows of B, 6 KiB apart, then fall into too few L2 cache sets */
+#define COLUMNS 32
+
+/* out (n, d_out) += sum_j w_tj (A_{e_tj} x_t) B_{e_tj}: the delta of experts already chosen
+ * (experts, weights: (n, k)), for many tokens (prefill); x, out and the stacks fp32. Two passes,
+ * each split among the threads. First the pairs' hidden units h_tj = w_tj A_e x_t, the (token,
+ * slot) pairs grouped by expert (a counting sort), so that A_e stays in cache while its pairs
+ * use it. Then out_t += sum_j h_tj B_e in blocks of COLUMNS columns, token by token within a
+ * block: that block of every expert's B (E r COLUMNS values) stays in the L2 cache while the
+ * tokens stream past, each token's COLUMNS sums stay in registers, and each row of out is read
+ * and written once. The delta is computed in fp32 and added once. Returns 0, or 1 if it could
+ * not allocate its scratch (out untouched then). */
+int chosen_delta(int64_t n, const float *x, float *out, const int64_t *experts,
+                 const float *weights, const Params *p) {
+    const int64_t d_in = p->d_in, d_out = p->d_out, E = p->experts, r = p->rank, k = p->k;
+    const int64_t pairs = n * k;
+    const float *A = (const float *)p->A, *B = (const float *)p->B;
+    int64_t *start = calloc((size_t)(E + 1), sizeof(int64_t));
+    int64_t *order = malloc(sizeof(int64_t) * (size_t)(pairs + E + 1));
+    float *hidden = malloc(sizeof(float) * (size_t)(pairs * r + 1));
+    if (!start || !order || !hidden) {
+        free(start), free(order), free(hidden);
+        return 1;
+    }
+    int64_t *next = order + pairs;
+    for (int64_t q = 0; q < pairs; q++) start[experts[q] + 1]++;
+    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
+    memcpy(next, start, sizeof(int64_t) * (size_t)E);
+    for (int64_t q = 0; q < pairs; q++) order[next[experts[q]]++] = q;
+#pragma omp parallel for schedule(dynamic, 1) if (pairs * r * d_in >= PARALLEL_MIN)
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t s = start[e]; s < start[e + 1]; s++) {
+            const int64_t q = order[s], t = q / k;
+            float *h = hidden + q * r;
+            int64_t i = 0;
+            for (; i + 8 <= r; i += 8) dot8_rows(x + t * d_in, A + (e * r + i) * d_in, d_in, h + i);
+            for (; i < r; i++) h[i] = dot_f32(x + t * d_in, A + (e * r + i) * d_in, d_in);
+            for (i = 0; i < r; i++) h[i] *= weights[q];
+        }
+    const int64_t blocks = (d_out + COLUMNS - 1) / COLUMNS;
+#pragma omp parallel for schedule(static) if (pairs * r * d_out >= PARALLEL_MIN)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t c0 = b * COLUMNS;
+        for (int64_t t = 0; t < n; t++) {
+            float *yt = out + t * d_out + c0;
+            if (c0 + COLUMNS <= d_out) {
+                v8 acc[COLUMNS / 8] = {{0}};
+                for (int64_t q = t * k; q < (t + 1) * k; q++)
+                    for (int64_t i = 0; i < r; i++) {
+                        const v8 h = (v8){0} + hidden[q * r + i];
+                        const float *row = B + (experts[q] * r + i) * d_out + c0;
+                        for (int c = 0; c < COLUMNS / 8; c++) acc[c] += h * load8(row + 8 * c);
+                    }
+                for (int c = 0; c < COLUMNS / 8; c++) {
+                    v8 y = load8(yt + 8 * c) + acc[c];
+                    memcpy(yt + 8 * c, &y, sizeof y);
+                }
+            } else { /* the last, narrower block */
+                float acc[COLUMNS] = {0};
+                const int64_t width = d_out - c0;
+                for (int64_t q = t * k; q < (t + 1) * k; q++)
+                    for (int64_t i = 0; i < r; i++)
+                        axpy(hidden[q * r + i], B + (experts[q] * r + i) * d_out + c0, acc,
+                             width);
+                for (int64_t c = 0; c < width; c++) yt[c] += acc[c];
+            }
+        }
+    }
+    free(start), free(order), free(hidden);
     return 0;
 }
