@@ -346,7 +346,7 @@ def test_chosen_delta_rejects_bad_arguments():
         native.add_chosen_delta_(torch.randn(n, 15), out, experts, weights, prepared)
     with pytest.raises(ValueError, match="contiguous fp32 CPU tensors"):
         native.add_chosen_delta_(x.bfloat16(), out, experts, weights, prepared)
-    with pytest.raises(ValueError, match="int64"):
+    with pytest.raises(ValueError, match="int64 CPU tensor"):
         native.add_chosen_delta_(x, out, experts.int(), weights, prepared)
     bf16 = native.prepare(torch.randn(E, d_in), A.bfloat16(), B.bfloat16(), k, False, 1e-5, 1.)
     with pytest.raises(ValueError, match="contiguous fp32 CPU tensors"):
@@ -393,13 +393,15 @@ def test_prefill_through_the_c_delta_equals_the_compiled_gather(router_kind, mon
     assert len(calls) == 2
 
 
-def test_prefill_with_gradients_leaves_the_c_kernel():
-    """Where autograd records (x requires grad), the many-token path is the compiled one,
-    whose output has a gradient."""
+def test_prefill_with_gradients_leaves_the_c_kernel(monkeypatch):
+    """Where autograd records (x requires grad), the many-token path is the compiled one (the
+    C kernel is not differentiable, and would fail this test), whose output has a gradient."""
+    def unused(*args):
+        raise AssertionError("the C kernel ran under autograd")
+
+    monkeypatch.setattr(native, "add_chosen_delta_", unused)
     layer = layer_of(24, 40, 12)
     layer.path = "sparse"
     x = torch.randn(100, 24, requires_grad=True)
-    out = layer(x)
-    assert out.requires_grad
-    out.sum().backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0
+    layer(x).pow(2).sum().backward()
+    assert x.grad is not None and x.grad.isfinite().all() and x.grad.abs().sum() > 0

@@ -240,7 +240,8 @@ class RoutedLinear(nn.Module):
             projection = projection.reshape(flat_x.shape[0], -1)
             if not candidates and self._add_chosen_delta(x_routing, projection, flat_out):
                 return out
-            routed = self._compiled_output(x_routing, projection, flat_out, candidates)
+            routed = (self._compiled_output(x_routing, projection, flat_out, candidates)
+                      if CPU_COMPILED_DELTA else None)  # off if the choices could not compile
             if routed is not None:
                 return routed.view(out.shape)
             kernel = "sparse-matmul"  # it could not be built here

@@ -196,8 +196,9 @@ def add_chosen_delta_(x: Tensor, out: Tensor, experts: Tensor, weights: Tensor,
         raise ValueError(f"x {tuple(x.shape)}, out {tuple(out.shape)}, experts "
                          f"{tuple(experts.shape)} and weights {tuple(weights.shape)} do not fit "
                          f"a {prepared.d_in} -> {prepared.d_out} layer with k = {params.k}")
-    if experts.dtype != torch.int64 or not experts.is_contiguous():
-        raise ValueError(f"experts must be a contiguous int64 tensor, got {experts.dtype}")
+    if experts.dtype != torch.int64 or not experts.is_cpu or not experts.is_contiguous():
+        raise ValueError("experts must be a contiguous int64 CPU tensor, got "
+                         f"{experts.dtype} on {experts.device}")
     if n and (experts.min() < 0 or experts.max() >= params.experts):
         raise ValueError(f"experts holds an index outside the library's {params.experts}")
     if library().chosen_delta(n, x.data_ptr(), out.data_ptr(), experts.data_ptr(),
