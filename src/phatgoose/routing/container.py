@@ -72,14 +72,6 @@ CPU_NATIVE_DECODE = True
 CPU_NATIVE_PREFILL = True
 # what torch.compile raises when it cannot build a kernel (no compiler, a broken toolchain)
 COMPILE_ERRORS = (torch._dynamo.exc.BackendCompilerFailed, OSError)
-
-
-def _native_unavailable(err: Exception) -> None:
-    """The C kernel cannot be built here: both its paths off for the process, with a warning."""
-    global CPU_NATIVE_DECODE, CPU_NATIVE_PREFILL
-    CPU_NATIVE_DECODE = CPU_NATIVE_PREFILL = False
-    warnings.warn(f"the native routing kernel cannot be built here ({err}); routing with "
-                  "torch's ops instead", RuntimeWarning, stacklevel=4)
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 # On a GPU the sparse path's kernel depends on how the forward is launched (measured on an
 # H200 in bf16, SmolLM2's 210 modules, E = 8 to 256; docs/PERFORMANCE.md):
@@ -101,6 +93,14 @@ FUSED_ROUTING = True
 FUSED_ON_CPU = False
 FUSED_MAX_TOKENS = fused.DECODE_TOKENS
 GPU_DENSE_MAX_EXPERTS = 1024
+
+
+def _native_unavailable(err: Exception) -> None:
+    """The C kernel cannot be built here: both its paths off for the process, with a warning."""
+    global CPU_NATIVE_DECODE, CPU_NATIVE_PREFILL
+    CPU_NATIVE_DECODE = CPU_NATIVE_PREFILL = False
+    warnings.warn(f"the native routing kernel cannot be built here ({err}); routing with "
+                  "torch's ops instead", RuntimeWarning, stacklevel=4)
 
 
 class RoutedLinear(nn.Module):
@@ -405,42 +405,37 @@ class RoutedLinear(nn.Module):
                          candidates: bool) -> Tensor | None:
         """Many tokens on CPU: ``compiled_routed_output``, the router's choices from
         ``projection`` (with ``candidates``, bf16 scores that pick candidates) and the delta
-        computed in fp32 for a bf16 model (like ``_add_sparse_delta``, rounded once); None if
-        torch.compile could not build it here, which then turns it off for the process, with a
+        computed in fp32 for a bf16 model (like ``_add_sparse_delta``, rounded once); None
+        where it cannot run (``_run_compiled``)."""
+        k = self.router.top_k
+        return self._run_compiled(lambda vectors: compiled_routed_output(
+            flat_out, x, projection, vectors, self.lora_A, self.lora_B, k,
+            k + EXTRA_CANDIDATES if candidates else 0, **self._scoring_rule()))
+
+    def _compiled_choices(self, x: Tensor, projection: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(weights, experts) of each token's k best experts by ``compiled_routed_choices``;
+        None where it cannot run (``_run_compiled``)."""
+        return self._run_compiled(lambda vectors: compiled_routed_choices(
+            x, projection, vectors, self.router.top_k, 0, **self._scoring_rule()))
+
+    def _run_compiled(self, run: Callable[[Tensor], Any]) -> Any:
+        """``run(vectors)``, a compiled routing function given this module's routing vectors
+        (its shared group's where the router shares a projection); None past the compiled
+        graphs' limit (this call then runs the sparse kernels), or if torch.compile could not
+        build it here, which then turns compiled routing off for the process, with a
         warning."""
         global CPU_COMPILED_DELTA
         vectors = (self.router.vectors if self.shared is None
                    else self.shared[0].member_vectors(self.shared[1]))
         try:
-            return compiled_routed_output(
-                flat_out, x, projection, vectors, self.lora_A, self.lora_B,
-                self.router.top_k, self.router.top_k + EXTRA_CANDIDATES if candidates else 0,
-                **self._scoring_rule())
+            return run(vectors)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
-            return None  # too many layer shapes: this call runs the sparse kernels
+            return None
         except COMPILE_ERRORS as err:
             CPU_COMPILED_DELTA = False
             warnings.warn(f"the compiled routing delta cannot be built here ({type(err).__name__}"
                           f": {str(err).splitlines()[0][:200]}); routing with torch's sparse "
-                          "kernels instead", RuntimeWarning, stacklevel=3)
-            return None
-
-    def _compiled_choices(self, x: Tensor, projection: Tensor) -> tuple[Tensor, Tensor] | None:
-        """(weights, experts) of each token's k best experts by ``compiled_routed_choices``;
-        None where torch.compile cannot build it (handled as in ``_compiled_output``)."""
-        global CPU_COMPILED_DELTA
-        vectors = (self.router.vectors if self.shared is None
-                   else self.shared[0].member_vectors(self.shared[1]))
-        try:
-            return compiled_routed_choices(x, projection, vectors, self.router.top_k, 0,
-                                           **self._scoring_rule())
-        except torch._dynamo.exc.FailOnRecompileLimitHit:
-            return None
-        except COMPILE_ERRORS as err:
-            CPU_COMPILED_DELTA = False
-            warnings.warn(f"the compiled routing cannot be built here ({type(err).__name__}"
-                          f": {str(err).splitlines()[0][:200]}); routing with torch's sparse "
-                          "kernels instead", RuntimeWarning, stacklevel=3)
+                          "kernels instead", RuntimeWarning, stacklevel=4)
             return None
 
     def _add_sparse_delta(

@@ -73,6 +73,11 @@ static float dot_row(const float *a, const void *m, int bf16, int64_t row, int64
                 : dot_f32(a, (const float *)m + row * n, n);
 }
 
+/* y[0:len] += alpha * x[0:len] */
+static void axpy(float alpha, const float *restrict x, float *restrict y, int64_t len) {
+    for (int64_t i = 0; i < len; i++) y[i] += alpha * x[i];
+}
+
 /* y += alpha * row `row` of the (rows, n) matrix m, fp32 or bf16 */
 static void axpy_row(float alpha, const void *m, int bf16, int64_t row, float *restrict y,
                      int64_t n) {
@@ -80,14 +85,8 @@ static void axpy_row(float alpha, const void *m, int bf16, int64_t row, float *r
         const uint16_t *restrict x = (const uint16_t *)m + row * n;
         for (int64_t i = 0; i < n; i++) y[i] += alpha * from_bf16(x[i]);
     } else {
-        const float *restrict x = (const float *)m + row * n;
-        for (int64_t i = 0; i < n; i++) y[i] += alpha * x[i];
+        axpy(alpha, (const float *)m + row * n, y, n);
     }
-}
-
-/* y[0:len] += alpha * x[0:len] */
-static void axpy(float alpha, const float *restrict x, float *restrict y, int64_t len) {
-    for (int64_t i = 0; i < len; i++) y[i] += alpha * x[i];
 }
 
 /* 1 / sqrt(var(x) + eps), the biased variance as LayerNorm takes it, in double, each sum
